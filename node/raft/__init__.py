@@ -1,0 +1,1 @@
+"""Raft consensus: a sans-IO core, its durable storage and its MQTT transport."""

@@ -1,0 +1,1 @@
+"""Device SDK, sensor simulators and actuators."""

@@ -1,0 +1,5 @@
+import sys
+
+from tomq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""Ed25519 keys, identity ids and private key files.
+
+An identity id is a short, stable fingerprint of a public key, safe to use in topics and file names.
+Private keys never leave their file except to sign; a key file that others can read is refused,
+because a leaked device or node key lets anyone speak as that device or node.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from tomq.errors import ConfigError, KeyFilePermissionError
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+_ID_DOMAIN = b"tomq/id/v1\x00"
+ID_LENGTH = 16  # base32 characters = 80 bits: collisions need ~2^40 keys in one cluster
+
+
+def identity_id(public_key: bytes) -> str:
+    """The id of the holder of `public_key`: lowercase base32 of a domain-separated SHA-256."""
+    if len(public_key) != PUBLIC_KEY_BYTES:
+        raise ValueError(f"an Ed25519 public key has {PUBLIC_KEY_BYTES} bytes, not {len(public_key)}")
+    digest = hashlib.sha256(_ID_DOMAIN + public_key).digest()
+    return base64.b32encode(digest).decode("ascii").lower()[:ID_LENGTH]
+
+
+def signing_input(domain: bytes, payload: bytes) -> bytes:
+    """Prefix every signed payload with its kind so a signature on one kind never verifies as another."""
+    return domain + payload
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != PUBLIC_KEY_BYTES:
+            raise ValueError(f"an Ed25519 public key has {PUBLIC_KEY_BYTES} bytes, not {len(self.raw)}")
+
+    @property
+    def id(self) -> str:
+        return identity_id(self.raw)
+
+    def verify(self, signature: bytes, message: bytes) -> bool:
+        if len(signature) != SIGNATURE_BYTES:
+            return False
+        try:
+            _public_key_object(self.raw).verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    def hex(self) -> str:
+        return self.raw.hex()
+
+    @classmethod
+    def from_hex(cls, text: str) -> PublicKey:
+        try:
+            return cls(bytes.fromhex(text))
+        except ValueError as exc:
+            raise ConfigError(f"not an Ed25519 public key in hex: {text[:20]}… ({exc})") from None
+
+
+_public_key_cache: dict[bytes, Ed25519PublicKey] = {}
+
+
+def _public_key_object(raw: bytes) -> Ed25519PublicKey:
+    # Parsing a key costs about as much as a third of a verify; receivers see the same few senders.
+    key = _public_key_cache.get(raw)
+    if key is None:
+        if len(_public_key_cache) > 4096:
+            _public_key_cache.clear()
+        key = _public_key_cache[raw] = Ed25519PublicKey.from_public_bytes(raw)
+    return key
+
+
+class SigningKey:
+    """An Ed25519 private key. Construct with `generate()` or `load()`."""
+
+    __slots__ = ("_key", "public_key")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public_key = PublicKey(
+            key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> SigningKey:
+        """Deterministic key from 32 bytes: for tests and simulators only, never for real identities."""
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    @property
+    def id(self) -> str:
+        return self.public_key.id
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    def derive_secret(self, purpose: bytes) -> bytes:
+        """A secret only the key holder can compute, e.g. its broker password; one-way from the key."""
+        seed = self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        return hashlib.sha256(b"tomq/derived/v1\x00" + purpose + b"\x00" + seed).digest()
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the key as PKCS#8 PEM, mode 0600, refusing to overwrite an existing file."""
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path = Path(path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            # O_EXCL with mode 0600 at creation: the key is never readable by others, not even briefly.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConfigError(f"refusing to overwrite existing key file {path}") from None
+        try:
+            os.write(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SigningKey:
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ConfigError(f"cannot open key file {path}: {exc.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise KeyFilePermissionError(
+                    f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+                    f"run: chmod 600 {path}"
+                )
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                pem = handle.read()
+        finally:
+            os.close(fd)
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"key file {path} is not a PEM private key: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"key file {path} holds a {type(key).__name__}, not an Ed25519 key")
+        return cls(key)

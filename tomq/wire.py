@@ -1,0 +1,282 @@
+"""Signed envelopes: how every message between tomq members is framed, signed and checked.
+
+Wire form: the canonical CBOR array `[signed, signature]`, where `signed` is the canonical CBOR map
+`{v, from, seq, t, type, body}` and `signature` is the sender's Ed25519 signature over
+`b"tomq/envelope/v1\\0" + signed`. Verifying over the received bytes (not a re-encoding) keeps
+opening an envelope close to the cost of one signature check.
+
+`EnvelopeOpener.open` is the only way bytes from outside become an `Envelope`. It raises one
+`EnvelopeRejected` subclass per reason and nothing else, whatever the bytes; it advances the
+sender's sequence high-water mark only for an envelope that passed every check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tomq import canonical
+from tomq.certificate import TrustStore
+from tomq.errors import (
+    BadSignature,
+    BodyTooLarge,
+    CertificateExpired,
+    ConfigError,
+    MalformedEnvelope,
+    ReplayedEnvelope,
+    UnknownEnvelopeType,
+    UnknownSender,
+    UnsupportedVersion,
+)
+from tomq.identity import SIGNATURE_BYTES, SigningKey, signing_input
+
+ENVELOPE_VERSION = 1
+_DOMAIN = b"tomq/envelope/v1\x00"
+_FIELDS = frozenset({"v", "from", "seq", "t", "type", "body"})
+DEFAULT_MAX_BYTES = 64 * 1024
+MAX_SEQ = 2**63 - 1
+
+# What travels in envelopes (DESIGN.md §3). A receiver may narrow this per topic.
+ENVELOPE_TYPES = frozenset(
+    {
+        "join",  # a device or service announces itself, with its certificate
+        "leave",  # graceful leave, or the broker-published last will
+        "reading",  # a sensor reading
+        "command",  # cluster -> actuator, naming the ledger block that authorises it
+        "report",  # actuator -> cluster: what it did
+        "raft",  # node -> node consensus traffic
+        "load",  # node load report
+        "orch-request",  # operator deployment / removal request
+        "record",  # a proposed ledger record
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    sender: str
+    seq: int
+    time_ms: int
+    type: str
+    body: Any
+    signature: bytes
+    wire: bytes  # exactly what was signed and sent; its hash names this envelope in the ledger
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.wire).digest()
+
+
+def seal(key: SigningKey, *, seq: int, time_ms: int, type: str, body: Any) -> bytes:
+    """Sign and encode one envelope. The caller owns sequence numbers (see SequenceCounter)."""
+    if type not in ENVELOPE_TYPES:
+        raise ValueError(f"unknown envelope type {type!r}")
+    if not 1 <= seq <= MAX_SEQ:
+        raise ValueError(f"sequence number {seq} must be in 1..2^63-1")
+    signed = canonical.encode(
+        {"v": ENVELOPE_VERSION, "from": key.id, "seq": seq, "t": time_ms, "type": type, "body": body}
+    )
+    signature = key.sign(signing_input(_DOMAIN, signed))
+    return canonical.encode([signed, signature])
+
+
+class SequenceWatermarks(Protocol):
+    """The highest sequence number accepted from each sender; must survive the receiver's restart."""
+
+    def get(self, sender: str) -> int: ...
+
+    def advance(self, sender: str, seq: int) -> None: ...
+
+
+class MemoryWatermarks:
+    def __init__(self) -> None:
+        self._marks: dict[str, int] = {}
+
+    def get(self, sender: str) -> int:
+        return self._marks.get(sender, 0)
+
+    def advance(self, sender: str, seq: int) -> None:
+        self._marks[sender] = seq
+
+
+class FileWatermarks:
+    """High-water marks kept in an append-only text file, compacted atomically when it grows.
+
+    Each accepted envelope appends one line with a plain write, so a process crash loses nothing;
+    `flush()` fsyncs, and the node calls it with its other per-batch fsync rather than once per
+    message (an fsync per envelope would cost more than the signature check itself).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], compact_after: int = 100_000) -> None:
+        self.path = Path(path)
+        self._compact_after = compact_after
+        self._marks: dict[str, int] = {}
+        self._lines = 0
+        if self.path.exists():
+            content = self.path.read_bytes()
+            complete = content.rfind(b"\n") + 1
+            if complete < len(content):
+                # A line torn by a crash (no newline): its envelope was never acted on. Cut it off so
+                # the next line does not glue onto it.
+                os.truncate(self.path, complete)
+            for line in content[:complete].split(b"\n")[:-1]:
+                parts = line.split(b" ")
+                if len(parts) == 2 and parts[1].isdigit():
+                    sender = parts[0].decode("ascii", "replace")
+                    self._marks[sender] = max(self._marks.get(sender, 0), int(parts[1]))
+                    self._lines += 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def get(self, sender: str) -> int:
+        return self._marks.get(sender, 0)
+
+    def advance(self, sender: str, seq: int) -> None:
+        self._marks[sender] = seq
+        os.write(self._fd, f"{sender} {seq}\n".encode("ascii"))
+        self._lines += 1
+        if self._lines > self._compact_after and self._lines > 4 * len(self._marks):
+            self._compact()
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def _compact(self) -> None:
+        temp = self.path.with_suffix(".tmp")
+        text = "".join(f"{sender} {seq}\n" for sender, seq in sorted(self._marks.items()))
+        with open(temp, "wb") as handle:
+            handle.write(text.encode("ascii"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self.path)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._lines = len(self._marks)
+
+
+class SequenceCounter:
+    """A sender's next sequence numbers, never repeating across restarts.
+
+    Blocks of numbers are reserved on disk (write, fsync) before any of them is used, so a crash
+    skips at most one block and never reuses a number a receiver may already have seen.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, block: int = 1024) -> None:
+        self.path = Path(path) if path is not None else None
+        self._block = block
+        self._next = 1
+        self._reserved = 0
+        if self.path is not None and self.path.exists():
+            text = self.path.read_text().strip()
+            if not text.isdigit():
+                raise ConfigError(f"sequence file {self.path} is damaged ({text[:20]!r}); delete it only if no receiver has seen this sender")
+            self._next = self._reserved = int(text) + 1
+
+    def next(self) -> int:
+        if self._next > self._reserved:
+            self._reserve(self._next + self._block - 1)
+        value = self._next
+        self._next += 1
+        return value
+
+    def _reserve(self, upto: int) -> None:
+        if self.path is not None:
+            temp = self.path.with_suffix(".tmp")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temp, "w") as handle:
+                handle.write(f"{upto}\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self.path)
+        self._reserved = upto
+
+
+class EnvelopeOpener:
+    """Checks envelopes from outside against the cluster's certificates and per-sender watermarks."""
+
+    def __init__(
+        self,
+        trust: TrustStore,
+        watermarks: SequenceWatermarks | None = None,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        accepted_types: frozenset[str] = ENVELOPE_TYPES,
+    ) -> None:
+        self.trust = trust
+        self.watermarks: SequenceWatermarks = watermarks if watermarks is not None else MemoryWatermarks()
+        self.max_bytes = max_bytes
+        self.accepted_types = accepted_types
+
+    def open(self, data: bytes, now: float) -> Envelope:
+        """Return the envelope in `data` if it passes every check at receiver time `now` (unix seconds)."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise MalformedEnvelope(f"envelope must be bytes, not {type(data).__name__}")
+        data = bytes(data)
+        if len(data) > self.max_bytes:
+            raise BodyTooLarge(f"envelope of {len(data)} bytes exceeds the limit of {self.max_bytes}")
+        signed, signature = _split(data)
+        fields = _fields(signed)
+        sender = fields["from"]
+        if fields["v"] != ENVELOPE_VERSION:
+            raise UnsupportedVersion(f"envelope version {fields['v']} is not {ENVELOPE_VERSION}", sender)
+        if fields["type"] not in self.accepted_types:
+            raise UnknownEnvelopeType(f"envelope type {fields['type'][:40]!r} is not accepted here", sender)
+        certificate = self.trust.by_id(sender)
+        if certificate is None:
+            raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
+        if len(signature) != SIGNATURE_BYTES:
+            raise BadSignature(f"envelope from {sender} has no valid signature ({len(signature)} bytes)", sender)
+        if not certificate.subject.verify(signature, signing_input(_DOMAIN, signed)):
+            raise BadSignature(f"signature of envelope {fields['seq']} from {sender} does not verify", sender)
+        if not certificate.is_valid_at(now):
+            raise CertificateExpired(
+                f"certificate of {certificate.name} ({sender}) is valid only in "
+                f"[{certificate.not_before}, {certificate.not_after}), not at {int(now)}",
+                sender,
+            )
+        high_water = self.watermarks.get(sender)
+        if fields["seq"] <= high_water:
+            raise ReplayedEnvelope(
+                f"envelope {fields['seq']} from {certificate.name} ({sender}) is not above its high-water mark {high_water}",
+                sender,
+            )
+        self.watermarks.advance(sender, fields["seq"])
+        return Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature, data)
+
+
+def _split(data: bytes) -> tuple[bytes, bytes]:
+    try:
+        outer = canonical.decode(data)
+    except canonical.CanonicalDecodeError as exc:
+        raise MalformedEnvelope(f"envelope: {exc}") from None
+    if not (type(outer) is list and len(outer) == 2 and type(outer[0]) is bytes and type(outer[1]) is bytes):
+        raise MalformedEnvelope("envelope must be the CBOR array [signed bytes, signature bytes]")
+    return outer[0], outer[1]
+
+
+def _fields(signed: bytes) -> dict[str, Any]:
+    try:
+        fields = canonical.decode(signed)
+    except canonical.CanonicalDecodeError as exc:
+        raise MalformedEnvelope(f"envelope body: {exc}") from None
+    if type(fields) is not dict or fields.keys() != _FIELDS:
+        raise MalformedEnvelope(f"envelope must hold exactly the fields {sorted(_FIELDS)}")
+    sender = fields["from"] if type(fields["from"]) is str else None
+    for name in ("v", "seq", "t"):
+        if type(fields[name]) is not int:
+            raise MalformedEnvelope(f"envelope field {name} must be an integer", sender)
+    if sender is None or not 0 < len(sender) <= 64:
+        raise MalformedEnvelope("envelope field from must be an identity id")
+    if type(fields["type"]) is not str:
+        raise MalformedEnvelope("envelope field type must be text", sender)
+    if not 1 <= fields["seq"] <= MAX_SEQ:
+        raise MalformedEnvelope(f"envelope sequence number {fields['seq']} is outside 1..2^63-1", sender)
+    if fields["t"] < 0:
+        raise MalformedEnvelope("envelope time is negative", sender)
+    return fields
