@@ -14,6 +14,7 @@ class EntryKind(enum.IntEnum):
     NORMAL = 0  # an application command (a ledger block, a placement decision)
     CONFIG = 1  # a single-server membership change; data is the encoded ConfigChange
     NOOP = 2  # appended by a new leader so that it can commit entries of earlier terms
+    DECISION = 3  # a placement decision: request, chosen node and the loads it was based on
 
 
 @dataclass(frozen=True, slots=True)
