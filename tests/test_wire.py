@@ -109,7 +109,10 @@ def _fields(**change):
 @pytest.mark.parametrize(
     "data, error, message",
     [
-        (b"\xff\x00", MalformedEnvelope, "malformed"),
+        (b"\xff\x00", MalformedEnvelope, "array"),
+        (b"\x82\x41a\x41b\x00", MalformedEnvelope, "trailing"),
+        (b"\x82\x58\x01a\x40", MalformedEnvelope, "canonical"),
+        (b"\x82\x45ab", MalformedEnvelope, "ends early"),
         (canonical.encode({"a": 1}), MalformedEnvelope, "array"),
         (_forge(_fields(v=2)), UnsupportedVersion, "version 2"),
         (_forge(_fields(type="teleport")), UnknownEnvelopeType, "teleport"),

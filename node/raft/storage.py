@@ -19,8 +19,8 @@ Directory layout (all integers little-endian, every checksum is zlib CRC32):
   contiguous; records at or below the snapshot index are dead until the file is rewritten.
 - `hardstate`: b"TOMQHS01", then records: magic b"\\xc3\\x48", crc u32, length u32, payload
   (term u64, commit u64, has-vote u8, vote utf-8). The last valid record is the hard state.
-- `snapshot`: magic b"TOMQSNP1", crc u32, index u64, term u64, voters length u32, data length u64,
-  voters (JSON list), data. Replaced atomically, so it is never torn.
+- `snapshot`: magic b"TOMQSNP2", crc u32, index u64, term u64, meta length u32, data length u64,
+  meta (canonical CBOR {"voters": [...], "decided": [...]}), data. Replaced atomically, so never torn.
 - `lock`: flock'd while open, so two processes can never write one log.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import itertools
-import json
 import logging
 import os
 import struct
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
+from tomq import canonical
 from tomq.errors import TomqError
 from tomq.node.raft.types import Entry, EntryKind, HardState, Snapshot, SnapshotMeta
 
@@ -59,7 +59,7 @@ _HS_MAGIC = b"\xc3\x48"
 _HS = struct.Struct("<2sII")  # magic, crc, payload length
 _HS_PAYLOAD = struct.Struct("<QQB")  # term, commit, has vote
 _SNAP = struct.Struct("<8sIQQIQ")  # magic, crc, index, term, voters length, data length
-_SNAP_MAGIC = b"TOMQSNP1"
+_SNAP_MAGIC = b"TOMQSNP2"
 # The hard-state file is rewritten to a single record past this size; small enough to read at start
 # in no time, large enough that the rewrite (two extra fsyncs) is rare.
 _HS_REWRITE_BYTES = 64 * 1024
@@ -191,19 +191,20 @@ def _parse_hs(buf: bytes | memoryview, pos: int) -> tuple[HardState, int] | None
 
 
 def _encode_snapshot(s: Snapshot) -> bytes:
-    voters = json.dumps(list(s.meta.voters)).encode()
-    rest = _SNAP.pack(_SNAP_MAGIC, 0, s.meta.index, s.meta.term, len(voters), len(s.data))[12:]
-    crc = zlib.crc32(s.data, zlib.crc32(voters, zlib.crc32(rest)))
-    return _SNAP_MAGIC + struct.pack("<I", crc) + rest + voters + s.data
+    meta = canonical.encode({"voters": list(s.meta.voters), "decided": list(s.meta.decided)})
+    rest = _SNAP.pack(_SNAP_MAGIC, 0, s.meta.index, s.meta.term, len(meta), len(s.data))[12:]
+    crc = zlib.crc32(s.data, zlib.crc32(meta, zlib.crc32(rest)))
+    return _SNAP_MAGIC + struct.pack("<I", crc) + rest + meta + s.data
 
 
 def _decode_snapshot(path: Path, buf: bytes) -> Snapshot:
-    _, crc, index, term, voters_len, data_len = _SNAP.unpack_from(buf.ljust(_SNAP.size, b"\0"))
-    intact = buf[:8] == _SNAP_MAGIC and _SNAP.size + voters_len + data_len == len(buf)
+    _, crc, index, term, meta_len, data_len = _SNAP.unpack_from(buf.ljust(_SNAP.size, b"\0"))
+    intact = buf[:8] == _SNAP_MAGIC and _SNAP.size + meta_len + data_len == len(buf)
     if not intact or zlib.crc32(buf[12:]) != crc:
         raise CorruptLogError(f"{path}: snapshot is not intact; {_RESTORE}")
-    voters = tuple(json.loads(buf[_SNAP.size : _SNAP.size + voters_len]))
-    return Snapshot(SnapshotMeta(index, term, voters), buf[_SNAP.size + voters_len :])
+    meta = canonical.decode(buf[_SNAP.size : _SNAP.size + meta_len])
+    return Snapshot(SnapshotMeta(index, term, tuple(meta["voters"]), tuple(meta["decided"])),
+                    buf[_SNAP.size + meta_len :])
 
 
 def _scan(

@@ -39,6 +39,9 @@ class SnapshotMeta:
     index: int
     term: int
     voters: tuple[str, ...] = field(default_factory=tuple)
+    # Request ids already decided when the snapshot was taken, so a request re-forwarded after a
+    # restart is not decided a second time (the log entries that said so are gone).
+    decided: tuple[bytes, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
