@@ -11,7 +11,7 @@ import base64
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -42,14 +42,12 @@ def signing_input(domain: bytes, payload: bytes) -> bytes:
 @dataclass(frozen=True, slots=True)
 class PublicKey:
     raw: bytes
+    id: str = field(init=False, repr=False, compare=False)  # computed once: it is on every hot path
 
     def __post_init__(self) -> None:
         if len(self.raw) != PUBLIC_KEY_BYTES:
             raise ValueError(f"an Ed25519 public key has {PUBLIC_KEY_BYTES} bytes, not {len(self.raw)}")
-
-    @property
-    def id(self) -> str:
-        return identity_id(self.raw)
+        object.__setattr__(self, "id", identity_id(self.raw))
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         if len(signature) != SIGNATURE_BYTES:

@@ -251,13 +251,40 @@ class EnvelopeOpener:
 
 
 def _split(data: bytes) -> tuple[bytes, bytes]:
-    try:
-        outer = canonical.decode(data)
-    except canonical.CanonicalDecodeError as exc:
-        raise MalformedEnvelope(f"envelope: {exc}") from None
-    if not (type(outer) is list and len(outer) == 2 and type(outer[0]) is bytes and type(outer[1]) is bytes):
+    """Read the outer `[bytes, bytes]` by hand: strict, canonical, and cheaper than a general decoder."""
+    if data[:1] != b"\x82":
         raise MalformedEnvelope("envelope must be the CBOR array [signed bytes, signature bytes]")
-    return outer[0], outer[1]
+    signed, offset = _byte_string(data, 1)
+    signature, offset = _byte_string(data, offset)
+    if offset != len(data):
+        raise MalformedEnvelope(f"envelope has {len(data) - offset} trailing bytes")
+    return signed, signature
+
+
+def _byte_string(data: bytes, offset: int) -> tuple[bytes, int]:
+    """One definite-length CBOR byte string at `offset` with a minimal (canonical) length header."""
+    if offset >= len(data):
+        raise MalformedEnvelope("envelope ends early")
+    head = data[offset]
+    if head >> 5 != 2:
+        raise MalformedEnvelope("envelope must be the CBOR array [signed bytes, signature bytes]")
+    info = head & 0x1F
+    if info < 24:
+        length, start = info, offset + 1
+    elif info in (24, 25, 26):
+        width = 1 << (info - 24)
+        start = offset + 1 + width
+        if start > len(data):
+            raise MalformedEnvelope("envelope ends early")
+        length = int.from_bytes(data[offset + 1 : start], "big")
+        if length < (24, 256, 65536)[info - 24]:
+            raise MalformedEnvelope("envelope length header is not in canonical (shortest) form")
+    else:
+        raise MalformedEnvelope("envelope byte strings must have a definite length below 4 GiB")
+    end = start + length
+    if end > len(data):
+        raise MalformedEnvelope("envelope ends early")
+    return data[start:end], end
 
 
 def _fields(signed: bytes) -> dict[str, Any]:
