@@ -1,0 +1,263 @@
+"""The node daemon's loop: the only place where the Raft core meets disk, clock and network.
+
+One thread owns the core. paho's network thread only enqueues what arrives; the loop takes items off
+the queue, ticks the core on a fixed period, and handles every Ready in the order the core demands:
+
+    persist (append, hard state, snapshot) and fsync  ->  send  ->  apply
+
+What is applied is up to an `Applier` (the ledger); the loop knows nothing about blocks or records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tomq import canonical, cluster
+from tomq.errors import EnvelopeRejected
+from tomq.mqtt import MqttLink
+from tomq.node.raft.core import PhaseEvent, ProposalDropped, RaftConfig, RaftNode, Ready
+from tomq.node.raft.messages import Message
+from tomq.node.raft.storage import FileStorage
+from tomq.node.raft.transport import RaftTransport
+from tomq.node.raft.types import Entry, EntryKind
+from tomq.wire import EnvelopeOpener, FileWatermarks, SequenceCounter, seal
+
+log = logging.getLogger("tomq.node")
+
+
+class Applier(Protocol):
+    """The replicated state machine behind the log (the ledger)."""
+
+    def apply(self, entry: Entry) -> None: ...
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes) -> None: ...
+
+    def tick(self, node: NodeDaemon) -> None: ...
+
+    def extras_for_peers(self) -> dict[str, Any]: ...
+
+    def on_extras(self, sender: str, extras: dict[str, Any]) -> None: ...
+
+    def on_message(self, topic: str, payload: bytes, retained: bool) -> None: ...
+
+
+@dataclass
+class NodeOptions:
+    mode: str = "stable"
+    tick_seconds: float = 0.05  # one Raft tick: heartbeats every tick, elections after 10-20
+    election_ticks: int = 10
+    data_dir: Path | None = None  # default: DIR/members/<name>/state
+    snapshot_every: int = 2000  # applied entries between log compactions
+    status_every: float = 1.0  # seconds between status/load reports
+    host: str | None = None
+    port: int | None = None
+    extra_subscriptions: list[str] = field(default_factory=list)
+
+
+class NodeDaemon:
+    def __init__(self, cluster_dir: str | os.PathLike[str], name: str, applier_factory: Callable[[NodeDaemon], Applier],
+                 options: NodeOptions | None = None) -> None:
+        self.options = options or NodeOptions()
+        self.cluster = cluster.load(cluster_dir)
+        member = self.cluster.member(name)
+        if member.role != "node":
+            raise cluster.ConfigError(f"{name} is a {member.role}, not a node")
+        self.name = member.name
+        self.key = self.cluster.signing_key(self.name)
+        self.trust = self.cluster.trust_store()
+        self.topics = self.cluster.topics
+        self.node_names = tuple(m.name for m in self.cluster.members if m.role == "node")
+        data_dir = self.options.data_dir or (self.cluster.directory / "members" / self.name / "state")
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = FileStorage(self.data_dir / "raft")
+        if self.storage.recovered_tail:
+            log.warning("%s", self.storage.recovered_tail)
+        loaded = self.storage.load()
+        config = RaftConfig(id=self.name, voters=self.node_names, mode=self.options.mode,
+                            election_ticks=self.options.election_ticks)
+        self.raft = RaftNode(config, random.Random(int.from_bytes(os.urandom(8), "big")),
+                             hard_state=loaded.hard_state, snapshot=loaded.snapshot, entries=loaded.entries)
+        self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.watermarks = FileWatermarks(self.data_dir / "watermarks")
+        self.counter = SequenceCounter(self.data_dir / "sequence")
+        self.link = MqttLink(
+            host=self.options.host or self.cluster.broker_host,
+            port=self.options.port or self.cluster.broker_port,
+            username=self.name,
+            password=cluster.broker_password(self.key),
+            client_id=f"tomq-node-{self.name}",
+            on_message=self._on_mqtt,
+        )
+        self.transport = RaftTransport(link=self.link, topics=self.topics, name=self.name, key=self.key,
+                                       trust=self.trust, counter=self.counter, watermarks=self.watermarks,
+                                       on_batch=self._on_batch)
+        self.opener = EnvelopeOpener(self.trust, FileWatermarks(self.data_dir / "watermarks-proposals"))
+        self.events: list[tuple[float, PhaseEvent]] = []
+        self.stopping = threading.Event()
+        self.applier = applier_factory(self)
+        if loaded.snapshot is not None:
+            self.applier.restore(loaded.snapshot.data)
+        self._last_status = 0.0
+        self.started = time.time()
+
+    # ------------------------------------------------------------ inputs from other threads
+
+    def _on_mqtt(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic.startswith(f"{self.topics.root}/node/{self.name}/raft/"):
+            self.transport.handle(topic, payload)
+        else:
+            self.inbox.put(("mqtt", topic, payload, retained))
+
+    def _on_batch(self, sender: str, messages: list[Message], extras: dict[str, Any]) -> None:
+        self.inbox.put(("batch", sender, messages, extras))
+
+    def call(self, function: Callable[[], Any]) -> None:
+        """Run `function` on the loop's thread (the only thread allowed to touch the core)."""
+        self.inbox.put(("call", function))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.inbox.put(("stop",))
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        self.transport.start()
+        for topic_filter in self.options.extra_subscriptions:
+            self.link.subscribe(topic_filter)
+        self.link.start(timeout=30)
+        log.info("node %s up: term %s, %s entries, mode %s", self.name, self.raft.term,
+                 self.raft.log.last_index(), self.options.mode)
+        next_tick = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                timeout = max(0.0, next_tick - time.monotonic())
+                try:
+                    item = self.inbox.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    self._handle(item)
+                    # Drain what else is waiting before handling Ready: one fsync for the whole batch.
+                    for _ in range(1000):
+                        try:
+                            self._handle(self.inbox.get_nowait())
+                        except queue.Empty:
+                            break
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.raft.tick()
+                    self.applier.tick(self)
+                    next_tick += self.options.tick_seconds
+                    if next_tick < now:  # we were stalled (SIGSTOP, a slow disk): do not burst ticks
+                        next_tick = now + self.options.tick_seconds
+                self.process_ready()
+        finally:
+            self.link.stop()
+            self.storage.close()
+            self.watermarks.close()
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == "batch":
+            _, sender, messages, extras = item
+            for message in messages:
+                self.raft.step(message)
+            if extras:
+                self.applier.on_extras(sender, extras)
+        elif kind == "mqtt":
+            self.applier.on_message(item[1], item[2], item[3])
+        elif kind == "call":
+            item[1]()
+        elif kind == "stop":
+            self.stopping.set()
+
+    def process_ready(self) -> None:
+        while self.raft.has_ready():
+            ready = self.raft.ready()
+            self._persist(ready)
+            extras = self.applier.extras_for_peers()
+            peers = {p: extras for p in self.raft.voters if p != self.name} if extras else None
+            if ready.messages or peers:
+                self.transport.send(ready.messages, peers)
+            now = time.time()
+            for event in ready.events:
+                if event.phase == "elected":
+                    log.info("%s became leader of term %s", self.name, event.detail)
+            self.events.extend((now, event) for event in ready.events)
+            del self.events[:-10_000]
+            if ready.restore is not None:
+                self.applier.restore(ready.restore.data)
+            for entry in ready.committed:
+                if entry.kind in (EntryKind.NORMAL, EntryKind.DECISION):
+                    self.applier.apply(entry)
+            self._maybe_compact()
+
+    def _persist(self, ready: Ready) -> None:
+        wrote = False
+        if ready.snapshot is not None:
+            self.storage.save_snapshot(ready.snapshot)
+            wrote = True
+        if ready.entries:
+            self.storage.append(ready.entries)
+            wrote = True
+        if ready.hard_state is not None:
+            self.storage.set_hard_state(ready.hard_state)
+            wrote = True
+        if wrote:
+            self.storage.sync()  # the ordering rule: nothing below leaves before this returns
+            self.watermarks.flush()
+
+    def _maybe_compact(self) -> None:
+        log_ = self.raft.log
+        if log_.applied - log_.snap_index >= self.options.snapshot_every:
+            self.raft.compact(log_.applied, self.applier.snapshot())
+
+    # ------------------------------------------------------------ helpers for appliers
+
+    def propose(self, data: bytes) -> bool:
+        try:
+            self.raft.propose(data)
+            return True
+        except ProposalDropped:
+            return False
+
+    def sealed(self, type: str, body: Any) -> bytes:
+        return seal(self.key, seq=self.counter.next(), time_ms=int(time.time() * 1000), type=type, body=body)
+
+    def open_envelope(self, payload: bytes) -> Any:
+        try:
+            return self.opener.open(payload, time.time())
+        except EnvelopeRejected as exc:
+            log.warning("refused envelope: %s", exc)
+            return None
+
+    def status(self) -> dict[str, Any]:
+        status = dict(self.raft.status())
+        status["uptime"] = round(time.time() - self.started, 1)
+        status["rejected"] = dict(self.transport.rejected)
+        return status
+
+
+def load_average() -> float:
+    """This node's load in [0, 1+]: the 1-minute load average per core (smoothed by the kernel)."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 0.0
+
+
+def encode_status(status: dict[str, Any]) -> bytes:
+    return canonical.encode(status)

@@ -1,0 +1,1 @@
+"""The replicated PROV ledger: blocks, commit certificates, the pattern's state machine and offline verification."""
