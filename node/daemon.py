@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tomq import canonical, cluster
-from tomq.errors import EnvelopeRejected
+from tomq.errors import EnvelopeRejected, ReplayedEnvelope
 from tomq.mqtt import MqttLink
+from tomq.node.metrics import NodeMetrics
 from tomq.node.raft.core import PhaseEvent, ProposalDropped, RaftConfig, RaftNode, Ready
 from tomq.node.raft.messages import Message
 from tomq.node.raft.storage import FileStorage
@@ -62,6 +63,7 @@ class NodeOptions:
     status_every: float = 1.0  # seconds between status/load reports
     host: str | None = None
     port: int | None = None
+    metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:PORT
     extra_subscriptions: list[str] = field(default_factory=list)
 
 
@@ -104,13 +106,19 @@ class NodeDaemon:
                                        trust=self.trust, counter=self.counter, watermarks=self.watermarks,
                                        on_batch=self._on_batch)
         self.opener = EnvelopeOpener(self.trust, FileWatermarks(self.data_dir / "watermarks-proposals"))
+        self.load_opener = EnvelopeOpener(self.trust, accepted_types=frozenset({"load"}))
         self.events: list[tuple[float, PhaseEvent]] = []
         self.stopping = threading.Event()
         self.applier = applier_factory(self)
         if loaded.snapshot is not None:
             self.applier.restore(loaded.snapshot.data)
-        self._last_status = 0.0
+        self._last_report = 0.0
         self.started = time.time()
+        self.peer_reports: dict[str, tuple[float, dict[str, Any]]] = {}  # node -> (received at, report)
+        self.last_status: dict[str, Any] = self.status()
+        self.metrics: NodeMetrics | None = None
+        if self.options.metrics_port is not None:
+            self.metrics = NodeMetrics(lambda: self.last_status, self._transport_counts)
 
     # ------------------------------------------------------------ inputs from other threads
 
@@ -135,8 +143,11 @@ class NodeDaemon:
 
     def run(self) -> None:
         self.transport.start()
+        self.link.subscribe(f"{self.topics.root}/node/+/load")
         for topic_filter in self.options.extra_subscriptions:
             self.link.subscribe(topic_filter)
+        if self.metrics is not None and self.options.metrics_port is not None:
+            self.metrics.serve(self.options.metrics_port)
         self.link.start(timeout=30)
         log.info("node %s up: term %s, %s entries, mode %s", self.name, self.raft.term,
                  self.raft.log.last_index(), self.options.mode)
@@ -160,6 +171,10 @@ class NodeDaemon:
                 if now >= next_tick:
                     self.raft.tick()
                     self.applier.tick(self)
+                    self.last_status = self.status()
+                    if now - self._last_report >= self.options.status_every:
+                        self._last_report = now
+                        self._report_load()
                     next_tick += self.options.tick_seconds
                     if next_tick < now:  # we were stalled (SIGSTOP, a slow disk): do not burst ticks
                         next_tick = now + self.options.tick_seconds
@@ -178,7 +193,10 @@ class NodeDaemon:
             if extras:
                 self.applier.on_extras(sender, extras)
         elif kind == "mqtt":
-            self.applier.on_message(item[1], item[2], item[3])
+            if item[1].endswith("/load") and item[1].startswith(f"{self.topics.root}/node/"):
+                self._on_load_report(item[1], item[2])
+            else:
+                self.applier.on_message(item[1], item[2], item[3])
         elif kind == "call":
             item[1]()
         elif kind == "stop":
@@ -246,9 +264,41 @@ class NodeDaemon:
 
     def status(self) -> dict[str, Any]:
         status = dict(self.raft.status())
+        status.pop("progress", None)
         status["uptime"] = round(time.time() - self.started, 1)
         status["rejected"] = dict(self.transport.rejected)
+        status["load"] = round(self.raft.load, 4)
+        status.update(self.applier.status() if hasattr(self.applier, "status") else {})
         return status
+
+    def _transport_counts(self) -> dict[str, int]:
+        return {"sent": self.transport.sent_batches, "received": self.transport.received_batches,
+                "refused": sum(self.transport.rejected.values())}
+
+    def _report_load(self) -> None:
+        """Publish our load and Raft view (retained): peers use the load, `tomq status` shows the rest."""
+        self.raft.set_load(load_average())
+        report = {"load": self.raft.load, "status": self.last_status, "time_ms": int(time.time() * 1000)}
+        self.link.publish(self.topics.node_load(self.name), self.sealed("load", report), retain=True)
+
+    def _on_load_report(self, topic: str, payload: bytes) -> None:
+        sender = topic.split("/")[-2]
+        try:
+            envelope = self.load_opener.open(payload, time.time())
+        except ReplayedEnvelope:
+            return  # a retained report seen again after a reconnect
+        except EnvelopeRejected as exc:
+            log.warning("refused load report on %s: %s", topic, exc)
+            return
+        certificate = self.trust.by_id(envelope.sender)
+        if certificate is None or certificate.name != sender or certificate.role != "node":
+            log.warning("refused load report on %s signed by %s", topic, envelope.sender)
+            return
+        body = envelope.body if isinstance(envelope.body, dict) else {}
+        load = body.get("load")
+        if isinstance(load, int | float) and sender != self.name:
+            self.raft.observe_load(sender, float(load))
+        self.peer_reports[sender] = (time.time(), body)
 
 
 def load_average() -> float:
