@@ -21,6 +21,7 @@ decides where the request runs (least-loaded node), commits that decision and pa
 from __future__ import annotations
 
 import enum
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -121,7 +122,13 @@ class Decision:
 
 def least_loaded_node(loads: dict[str, float]) -> str:
     """The node with the lowest load; ties go to the smallest id, so every node would choose the same."""
-    return min(loads.items(), key=lambda item: (item[1], item[0]))[0]
+    return min(loads.items(), key=lambda item: (_finite_load(item[1]), item[0]))[0]
+
+
+def _finite_load(load: float) -> float:
+    # NaN would make the choice depend on dict order; an unknown or absurd load counts as fully busy.
+    value = float(load)
+    return value if math.isfinite(value) and value >= 0 else math.inf
 
 
 def encode_conf_change(op: str, node: str) -> bytes:
@@ -202,6 +209,7 @@ class RaftNode:
         self.votes: dict[str, bool] = {}
         self._rejecter_logs: dict[str, tuple[int, int]] = {}
         self._awaiting_loads = False
+        self._forward_elapsed = 0
         self.loads: dict[str, float] = {}
         self.load = 0.0
         self.transfer_target: str | None = None
@@ -348,11 +356,11 @@ class RaftNode:
 
     def set_load(self, load: float) -> None:
         """This node's current load (from its monitor); carried in votes and append answers."""
-        self.load = float(load)
+        self.load = _finite_load(load)
 
     def observe_load(self, node: str, load: float) -> None:
         """A load report heard outside Raft (node/<id>/load); used when deciding placements."""
-        self.loads[node] = float(load)
+        self.loads[node] = _finite_load(load)
 
     def compact(self, index: int, data: bytes) -> Snapshot:
         """The application's state at `index` (<= applied) replaces the log up to there."""
@@ -409,7 +417,8 @@ class RaftNode:
 
     def _tick_election(self) -> None:
         self.election_elapsed += 1
-        if self.requests and self.leader is not None and self.election_elapsed % self.config.election_ticks == 0:
+        self._forward_elapsed += 1
+        if self.requests and self.leader is not None and self._forward_elapsed >= self.config.election_ticks:
             self._forward_pending()  # the forwarded copy may have been lost; the leader de-duplicates
         if self.config.mode == ON_DEMAND and not self.requests:
             # Pause phase: with nothing to decide, nobody campaigns and nobody needs a leader.
@@ -493,7 +502,7 @@ class RaftNode:
             # A vote that arrives after we won still brings its voter's load (the paper's leader
             # chooses once "all the states are received").
             if m.load is not None:
-                self.loads[m.from_] = m.load
+                self.loads[m.from_] = _finite_load(m.load)
             self.votes[m.from_] = not m.reject
             if self.voters <= self.votes.keys():
                 self._awaiting_loads = False
@@ -502,7 +511,7 @@ class RaftNode:
         if (pre and self.role is not Role.PRE_CANDIDATE) or (not pre and self.role is not Role.CANDIDATE):
             return
         if m.load is not None:
-            self.loads[m.from_] = m.load
+            self.loads[m.from_] = _finite_load(m.load)
         self.votes[m.from_] = not m.reject
         if m.reject:
             self._rejecter_logs[m.from_] = (m.log_term, m.index)
@@ -610,9 +619,9 @@ class RaftNode:
             self._in_log.add(request_id)
             del self._leader_queue[request_id]
         if items:
-            self._append(items, broadcast=broadcast)
             for _, data in items:
                 self._events.append(PhaseEvent("appended", "", Decision.decode(data).request_id))
+            self._append(items, broadcast=broadcast)
         self._trim_decided()
 
     def _broadcast_append(self) -> None:
@@ -708,7 +717,7 @@ class RaftNode:
         pr = self.progress[m.from_]
         pr.recent_active = True
         if m.load is not None:
-            self.loads[m.from_] = m.load
+            self.loads[m.from_] = _finite_load(m.load)
         if m.reject:
             if m.index < pr.match:
                 return  # stale rejection
@@ -743,7 +752,7 @@ class RaftNode:
         pr = self.progress[m.from_]
         pr.recent_active = True
         if m.load is not None:
-            self.loads[m.from_] = m.load
+            self.loads[m.from_] = _finite_load(m.load)
         if pr.state is _ProgressState.PROBE:
             pr.paused = False
         if pr.match < self.log.last_index():
@@ -756,9 +765,10 @@ class RaftNode:
         index = quorum.committed_index(self.voters, match)
         # Raft §5.4.2: count replicas only for entries of the current term (figure 8).
         if index > self.log.committed and self.log.term(index) == self.term:
+            newly = self.log.slice(self.log.committed + 1, index + 1)
             self.log.commit_to(index)
-            for entry in self.log.slice(max(self.log.first_index(), index - 64), index + 1):
-                if entry.kind is EntryKind.DECISION and entry.term == self.term:
+            for entry in newly:
+                if entry.kind is EntryKind.DECISION:
                     self._events.append(PhaseEvent("committed", "", Decision.decode(entry.data).request_id))
             return True
         return False
@@ -852,6 +862,7 @@ class RaftNode:
         # otherwise dropped: the proposer learns nothing committed and retries
 
     def _forward_pending(self) -> None:
+        self._forward_elapsed = 0
         if self.leader is None or self.leader == self.id:
             return
         for request_id, data in self.requests.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,8 @@ def _from_map(raw: Any) -> Message:
     for item in raw.get("entries", []):
         if type(item) is not list or len(item) != 4 or type(item[3]) is not bytes:
             raise MalformedRaftMessage("raft entry must be [term, index, kind, data]")
+        if type(item[2]) is not int:
+            raise MalformedRaftMessage("raft entry kind must be an integer")
         entries.append(Entry(_int(item[0], "entry term"), _int(item[1], "entry index"), EntryKind(item[2]), item[3]))
     for before, after in itertools.pairwise(entries):
         if after.index != before.index + 1 or after.term < before.term:
@@ -128,8 +131,10 @@ def _from_map(raw: Any) -> Message:
         snapshot = Snapshot(SnapshotMeta(_int(snap[0], "snapshot index"), _int(snap[1], "snapshot term"),
                                          tuple(snap[2]), tuple(snap[4])), snap[3])
     load = raw.get("load")
-    if load is not None and type(load) not in (int, float):
-        raise MalformedRaftMessage("raft message load must be a number")
+    if load is not None and not (
+        (type(load) is int and abs(load) <= 2**63) or (type(load) is float and not math.isnan(load))
+    ):
+        raise MalformedRaftMessage("raft message load must be a number (not NaN, ints within 64 bits)")
     for name in ("reject", "force"):
         if type(raw.get(name, False)) is not bool:
             raise MalformedRaftMessage(f"raft message field {name} must be a boolean")
