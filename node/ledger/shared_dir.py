@@ -1,0 +1,148 @@
+"""Putting committed block files into the shared ledger directory (GlusterFS in production, DESIGN §4).
+
+Every node writes every committed block it holds, so the directory fills even when some nodes are
+down; the first writer of a height wins and everyone else checks they agree with it:
+
+1. write the bytes to a temporary file in the same directory (a dot-file, so `tomq ledger verify`
+   and anyone listing `*.block` ignores it) and fsync it;
+2. `os.link` it to `<height as 12 digits>.block`. A hard link either creates the name, pointing at
+   complete and durable bytes, or fails because the name exists: unlike rename, it never replaces a
+   file, so no reader ever sees a partial block and no writer ever overwrites another's;
+3. unlink the temporary and fsync the directory, so the new name survives a power cut.
+
+If the name exists, another node wrote that height first: identical bytes are fine; different bytes
+mean divergence or tampering and raise `LedgerDivergence` loudly, leaving the existing file untouched.
+A temporary left by a crash is harmless: its name is unique to its writer and nothing reads it.
+
+What this module must never do: overwrite or delete a block file, rename over one, or judge a block
+(signatures and legality are verify.py's job; it only reads the height and hash to name the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tomq.errors import PeerError, TomqError, UsageError
+from tomq.node.ledger.block import (
+    MAX_BLOCK_FILE_BYTES,
+    MalformedBlock,
+    block_file_name,
+    decode_block_file,
+)
+
+
+class LedgerDivergence(PeerError):
+    """The shared directory already holds a different block file for this height."""
+
+    def __init__(self, height: int, message: str) -> None:
+        super().__init__(message)
+        self.height = height
+
+
+class SharedLedgerError(TomqError):
+    """The shared ledger directory could not be written (disk full, unmounted, no hard links...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    path: Path
+    height: int
+    written: bool  # False: identical bytes were already there, written by another node (or earlier by us)
+
+
+def put_block_file(directory: str | os.PathLike[str], data: bytes) -> PutResult:
+    """Put the block file `data` in place under its height's name, atomically and exclusively."""
+    try:
+        height = decode_block_file(data).block.height
+    except MalformedBlock as exc:
+        raise UsageError(f"refusing to publish a malformed block file: {exc}") from None
+    root = Path(directory)
+    final = root / block_file_name(height)
+    try:
+        existing = _read_if_exists(final)
+        if existing is not None:  # the common case for all but the fastest node: skip writing a copy
+            return _agree(height, final, existing, data)
+        temp = root / f".{final.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp"
+        _write_durably(temp, data)
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            _unlink_quietly(temp)
+            existing = _read_if_exists(final)
+            assert existing is not None  # block files are never deleted
+            return _agree(height, final, existing, data)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+        os.unlink(temp)
+        _fsync_directory(root)
+    except OSError as exc:
+        raise SharedLedgerError(
+            f"cannot put block {height} into {root}: {exc.strerror or exc} (the directory must be writable "
+            "and support hard links)"
+        ) from None
+    return PutResult(final, height, True)
+
+
+def _agree(height: int, path: Path, existing: bytes, ours: bytes) -> PutResult:
+    if existing == ours:
+        return PutResult(path, height, False)
+    ours_hash = decode_block_file(ours).block.hash.hex()
+    try:
+        theirs_hash = decode_block_file(existing).block.hash.hex()
+    except MalformedBlock:
+        theirs_hash = None
+    if theirs_hash == ours_hash:
+        # Same block, other bytes: the certificates differ. Still refused, because every copy of the
+        # ledger must be byte-identical; the message says it is not a fork so nobody chases one.
+        raise LedgerDivergence(height, (
+            f"ledger divergence at height {height}: {path} holds block {theirs_hash} with a different commit "
+            f"certificate (file sha256 {_sha256(existing)} vs ours {_sha256(ours)})"))
+    theirs = f"block {theirs_hash}" if theirs_hash else f"an undecodable file (sha256 {_sha256(existing)})"
+    raise LedgerDivergence(height, (
+        f"ledger divergence at height {height}: {path} holds {theirs} but this node committed block {ours_hash}"))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_if_exists(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(MAX_BLOCK_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    # O_EXCL: the name is random, but never write through a file someone else created.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)  # before the link: the final name must never point at bytes a crash could lose
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(path)
+        raise
+    os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # a leftover temporary is harmless (see the module docstring)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
