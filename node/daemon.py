@@ -46,6 +46,8 @@ class Applier(Protocol):
 
     def tick(self, node: NodeDaemon) -> None: ...
 
+    def after_input(self, node: NodeDaemon) -> None: ...
+
     def extras_for_peers(self) -> dict[str, Any]: ...
 
     def on_extras(self, sender: str, extras: dict[str, Any]) -> None: ...
@@ -167,6 +169,7 @@ class NodeDaemon:
                             self._handle(self.inbox.get_nowait())
                         except queue.Empty:
                             break
+                self.applier.after_input(self)
                 now = time.monotonic()
                 if now >= next_tick:
                     self.raft.tick()

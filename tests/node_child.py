@@ -39,6 +39,9 @@ class AppendToFile:
     def tick(self, node: NodeDaemon) -> None:
         pass
 
+    def after_input(self, node: NodeDaemon) -> None:
+        pass
+
     def extras_for_peers(self) -> dict[str, Any]:
         return {}
 

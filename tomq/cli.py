@@ -16,6 +16,9 @@ from tomq.errors import TomqError
 def _cmd_init(args: argparse.Namespace) -> int:
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     created = cluster.init(args.dir, nodes, cluster_name=args.cluster, broker=args.broker, valid_days=args.valid_days)
+    from tomq.node.cli import write_genesis
+
+    write_genesis(created.directory)  # block 0: the operator's statement of who the first nodes are
     print(f"cluster {created.name} created in {created.directory}")
     print(f"operator {created.operator.id} (public key in {created.directory}/operator/operator.pub)")
     for member in created.members:
@@ -77,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     members.add_argument("dir", metavar="DIR")
     members.add_argument("--json", action="store_true")
     members.set_defaults(run=_cmd_members)
+
+    # Component commands register themselves; imported here so that `import tomq` stays light.
+    from tomq.broker import cli as broker_cli
+    from tomq.node import cli as node_cli
+    from tomq.node import status as node_status
+    from tomq.node.ledger import cli as ledger_cli
+
+    broker_cli.register(commands)
+    node_cli.register(commands)
+    node_status.register(commands)
+    node_cli.register_ledger(ledger_cli.register(commands))
     return parser
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 import time
 import tomllib
@@ -99,7 +100,7 @@ def check_mosquitto_password(line_hash: str, password: str) -> bool:
         salt = base64.b64decode(parts[3], validate=True)
     except ValueError:
         return False
-    return mosquitto_password_hash(password, salt, int(parts[2])) == line_hash
+    return hmac.compare_digest(mosquitto_password_hash(password, salt, int(parts[2])), line_hash)
 
 
 def init(

@@ -1,0 +1,460 @@
+"""The ledger on a node: batching proposals into blocks, applying committed blocks, certifying them.
+
+This is the `Applier` the node daemon drives. Raft entries carry one of two things, as canonical CBOR:
+
+    {"t": "block", "file": <block file without certificate>}   a batch of records, proposed by the leader
+    {"t": "cert", "certs": [[height, hash, {signer id: sig}], ...]}   commit certificates, ditto
+
+Applying a block checks it exactly as an auditor would (ChainVerifier without the certificate) and
+then, because every node decides on the same committed bytes, every node accepts or skips the same
+blocks. Each node then signs the block hash and gossips its signature to its peers with its Raft
+batches; the leader puts a majority of signatures into a `cert` entry, so the certificate, too, is
+decided by the log and every node writes byte-identical block files: to its own store, to the shared
+ledger directory (exclusive create; different bytes there are divergence) and as retained MQTT topics.
+
+Proposals arrive on `ledger/propose` as record envelopes. Only the leader batches them; the others
+ignore them (they get the same messages). A proposal lost in a leader change is not acknowledged: the
+proposer sees its record on `audit/…` or in a block, or proposes again (same envelope, same seq).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tomq import canonical, records
+from tomq.errors import EnvelopeRejected, InvalidRecord, PeerError, TomqError
+from tomq.node.ledger import pattern
+from tomq.node.ledger.block import (
+    BlockFile,
+    block_file_name,
+    commit_signature,
+    decode_block_file,
+    encode_block_file,
+    make_block,
+    sign_block,
+    verify_commit_signature,
+)
+from tomq.node.ledger.shared_dir import LedgerDivergence, SharedLedgerError, put_block_file
+from tomq.node.ledger.verify import ChainVerifier, LedgerInvalid
+from tomq.node.raft.core import Role
+from tomq.node.raft.types import Entry
+from tomq.wire import EnvelopeOpener
+
+if TYPE_CHECKING:
+    from tomq.node.daemon import NodeDaemon
+
+log = logging.getLogger("tomq.ledger")
+
+
+class _NoReplayCheck:
+    """Proposals are de-duplicated against the ledger itself (per-proposer committed sequence)."""
+
+    def get(self, sender: str) -> int:
+        return 0
+
+    def advance(self, sender: str, seq: int) -> None:
+        pass
+
+
+@dataclass
+class _Pending:
+    envelope: bytes
+    proposer_id: str
+    seq: int
+    received: float
+
+
+class LedgerService:
+    def __init__(self, node: NodeDaemon, *, ledger_dir: Path | None = None, max_batch: int = 1000,
+                 retained_window: int = 100) -> None:
+        self.node = node
+        self.ledger_dir = ledger_dir
+        self.max_batch = max_batch
+        self.retained_window = retained_window
+        self.store = node.data_dir / "blocks"
+        self.store.mkdir(parents=True, exist_ok=True)
+        if ledger_dir is not None:
+            ledger_dir.mkdir(parents=True, exist_ok=True)
+        self.proposal_opener = EnvelopeOpener(node.trust, _NoReplayCheck(), accepted_types=frozenset({"record"}))
+        self.verifier = ChainVerifier(node.cluster.operator)
+        self.certified = -1  # highest height whose certificate is applied
+        self.block_files: dict[int, BlockFile] = {}  # applied, not yet certified
+        self.signatures: dict[int, dict[str, bytes]] = {}  # height -> signer id -> commit signature
+        self.own_unsent: list[list[Any]] = []
+        self.last_gossip = 0.0
+        self.divergent = False  # set once the shared directory disagreed: this node stops writing there
+        # leader-only state
+        self.pending: list[_Pending] = []
+        self.pending_ids: set[tuple[str, int]] = set()
+        self.tentative_height = -1
+        self.tentative_head = b""
+        self.tentative_state: pattern.PatternState | None = None
+        self.tentative_seqs: dict[str, int] = {}
+        self.cert_in_flight = -1
+        self.was_leader = False
+        self.ready_at = 0
+        self.early: list[bytes] = []
+        self.received_at: dict[tuple[str, int], float] = {}
+        self.latencies: deque[float] = deque(maxlen=2000)
+        self.committed_records = 0
+        self.refused: dict[str, int] = {}
+        self.seqs: dict[str, int] = {}  # proposer id -> highest committed record seq
+        self._load_store()
+
+    # ------------------------------------------------------------------ startup
+
+    def _load_store(self) -> None:
+        genesis_path = self.node.cluster.directory / "genesis.block"
+        stored = self.store / block_file_name(0)
+        if not stored.exists():
+            if not genesis_path.exists():
+                raise TomqError(f"{genesis_path} is missing; create it with: tomq ledger genesis {self.node.cluster.directory}")
+            stored.write_bytes(genesis_path.read_bytes())
+        if self.ledger_dir is not None:
+            try:
+                put_block_file(self.ledger_dir, stored.read_bytes())  # the shared ledger starts at genesis too
+            except (LedgerDivergence, SharedLedgerError) as exc:
+                self.divergent = isinstance(exc, LedgerDivergence)
+                log.error("%s", exc)
+        height = 0
+        while True:
+            path = self.store / block_file_name(height)
+            if not path.exists():
+                break
+            data = path.read_bytes()
+            block_file = decode_block_file(data)
+            if block_file.commit_certificate or height == 0:
+                self.verifier.add(height, data)
+                self.certified = height
+            else:
+                self._check_and_account(height, data)
+                self.block_files[height] = block_file
+            height += 1
+        log.info("ledger store holds blocks 0..%s (certified up to %s)", self.verifier.height, self.certified)
+
+    # ------------------------------------------------------------------ Applier interface
+
+    def apply(self, entry: Entry) -> None:
+        try:
+            item = canonical.decode(entry.data, check_canonical=False)
+        except canonical.CanonicalDecodeError:
+            log.warning("skipping entry %s: not a ledger entry", entry.index)
+            return
+        if not isinstance(item, dict):
+            return
+        if item.get("t") == "block" and isinstance(item.get("file"), bytes):
+            self._apply_block(entry, item["file"])
+        elif item.get("t") == "cert" and isinstance(item.get("certs"), list):
+            self._apply_certs(item["certs"])
+
+    def snapshot(self) -> bytes:
+        # Blocks themselves live in the store (and the shared directory); the Raft snapshot only records
+        # how far the ledger had got, so a restarted node replays its store rather than the log.
+        return canonical.encode({"height": self.verifier.height, "head": self.verifier.head_hash,
+                                 "certified": self.certified})
+
+    def restore(self, data: bytes) -> None:
+        marker = canonical.decode(data, check_canonical=False) if data else {}
+        height = marker.get("height", -1) if isinstance(marker, dict) else -1
+        if height > self.verifier.height and self.ledger_dir is not None:
+            self._fetch_from_shared_dir(height)
+        if height > self.verifier.height:
+            log.warning("snapshot covers ledger height %s but this node holds only %s and cannot fetch the rest",
+                        height, self.verifier.height)
+
+    def tick(self, node: NodeDaemon) -> None:
+        self._follow_leadership()
+        self._maybe_propose_certificates()
+
+    def after_input(self, node: NodeDaemon) -> None:
+        self._follow_leadership()
+        self._cut_block()
+
+    def extras_for_peers(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if now - self.last_gossip > 1.0:
+            # Re-send our signatures of blocks still uncertified: a new leader may not have them.
+            self.last_gossip = now
+            mine = self.node.key.id
+            self.own_unsent = [[h, self.block_files[h].block.hash, sigs[mine]]
+                               for h, sigs in sorted(self.signatures.items())
+                               if h in self.block_files and mine in sigs][-256:]
+        if not self.own_unsent:
+            return {}
+        sigs, self.own_unsent = self.own_unsent, []
+        return {"sigs": sigs}
+
+    def on_extras(self, sender: str, extras: dict[str, Any]) -> None:
+        certificate = self.node.trust.by_name(sender)
+        if certificate is None:
+            return
+        for item in extras.get("sigs", []) if isinstance(extras.get("sigs"), list) else []:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)):
+                continue
+            height, digest, signature = item
+            block_file = self.block_files.get(height)
+            if block_file is None or block_file.block.hash != digest or not isinstance(signature, bytes):
+                continue
+            if verify_commit_signature(certificate.subject, digest, signature):
+                self.signatures.setdefault(height, {})[certificate.subject_id] = signature
+
+    def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self.node.topics.ledger_propose():
+            self._on_proposal(payload)
+
+    def status(self) -> dict[str, Any]:
+        latencies = sorted(self.latencies)
+        return {
+            "height": self.verifier.height,
+            "certified": self.certified,
+            "head": self.verifier.head_hash.hex()[:16],
+            "records_committed": self.committed_records,
+            "pending": len(self.pending),
+            "commit_p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
+            "commit_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else None,
+            "refused": dict(self.refused),
+            "divergent": self.divergent,
+        }
+
+    # ------------------------------------------------------------------ leader: proposals and blocks
+
+    def _is_leader(self) -> bool:
+        return self.node.raft.role is Role.LEADER
+
+    def _follow_leadership(self) -> None:
+        leader = self._is_leader()
+        if leader and not self.was_leader:
+            # Blocks from an earlier leader may still sit in the log after our no-op. Build on them only
+            # once they are applied; otherwise our first block would name the wrong predecessor.
+            self.ready_at = self.node.raft.log.last_index()
+            self.tentative_state = None
+            self.cert_in_flight = self.certified
+        elif not leader and self.was_leader:
+            self.pending.clear()
+            self.pending_ids.clear()
+            self.early.clear()
+            self.tentative_state = None
+        self.was_leader = leader
+        if leader and self.tentative_state is None and self.node.raft.log.applied >= self.ready_at:
+            self.tentative_height = self.verifier.height
+            self.tentative_head = self.verifier.head_hash
+            self.tentative_state = self.verifier.state
+            self.tentative_seqs = dict(self.seqs)
+            early, self.early = self.early, []
+            for payload in early:
+                self._on_proposal(payload)
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self.node.metrics is not None:
+            self.node.metrics.records_refused.labels(reason=reason).inc()
+        log.warning("refused proposal: %s", detail)
+
+    def _on_proposal(self, payload: bytes) -> None:
+        if not self._is_leader():
+            return
+        if self.tentative_state is None:
+            if len(self.early) < 100_000:
+                self.early.append(payload)  # handled once earlier terms' blocks are applied
+            return
+        try:
+            envelope = self.proposal_opener.open(payload, time.time())
+        except EnvelopeRejected as exc:
+            self._refuse(type(exc).__name__, str(exc))
+            return
+        key = (envelope.sender, envelope.seq)
+        if key in self.pending_ids or envelope.seq <= self.tentative_seqs.get(envelope.sender, 0):
+            return  # already batched, or already in the ledger: a retry
+        sender = self.node.trust.by_id(envelope.sender)
+        assert sender is not None
+        try:
+            record = records.from_map(envelope.body)
+            self.tentative_state = pattern.apply(self.tentative_state, record, sender.name)
+        except (InvalidRecord, PeerError) as exc:
+            self._refuse(type(exc).__name__, f"from {sender.name}: {exc}")
+            return
+        self.tentative_seqs[envelope.sender] = envelope.seq
+        self.pending.append(_Pending(payload, envelope.sender, envelope.seq, time.monotonic()))
+        self.pending_ids.add(key)
+        if len(self.pending) >= self.max_batch:
+            self._cut_block()
+
+    def _cut_block(self) -> None:
+        if not self.pending or not self._is_leader():
+            return
+        batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
+        height = self.tentative_height + 1
+        block = make_block(height=height, prev=self.tentative_head, term=self.node.raft.term,
+                           time_ms=int(time.time() * 1000), proposer=self.node.key.id,
+                           records=[p.envelope for p in batch])
+        block_file = encode_block_file(BlockFile(block, sign_block(self.node.key, block), {}))
+        if not self.node.propose(canonical.encode({"t": "block", "file": block_file})):
+            self.pending = batch + self.pending
+            return
+        for item in batch:
+            self.pending_ids.discard((item.proposer_id, item.seq))
+            self.received_at[(item.proposer_id, item.seq)] = item.received
+        self.tentative_height = height
+        self.tentative_head = block.hash
+
+    def _maybe_propose_certificates(self) -> None:
+        if not self._is_leader():
+            return
+        nodes = self._node_ids()
+        needed = len(nodes) // 2 + 1
+        certs: list[tuple[int, bytes, dict[str, bytes]]] = []
+        for height in range(max(self.certified, self.cert_in_flight) + 1, self.verifier.height + 1):
+            block_file = self.block_files.get(height)
+            sigs = {s: sig for s, sig in self.signatures.get(height, {}).items() if s in nodes}
+            if block_file is None or len(sigs) < needed:
+                break  # certify in order
+            chosen = dict(sorted(sigs.items())[:needed])
+            certs.append((height, block_file.block.hash, chosen))
+        if certs and self.node.propose(canonical.encode({"t": "cert", "certs": [list(c) for c in certs]})):
+            self.cert_in_flight = certs[-1][0]
+
+    def _node_ids(self) -> set[str]:
+        ids = set()
+        for name in self.verifier.state.members("node"):
+            certificate = self.node.trust.by_name(name)
+            if certificate is not None:
+                ids.add(certificate.subject_id)
+        return ids
+
+    # ------------------------------------------------------------------ every node: apply
+
+    def _check_and_account(self, height: int, data: bytes) -> BlockFile:
+        block_file = self.verifier.add(height, data, require_certificate=False)
+        for envelope in block_file.block.records:
+            fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
+            self.seqs[fields["from"]] = max(self.seqs.get(fields["from"], 0), fields["seq"])
+        return block_file
+
+    def _apply_block(self, entry: Entry, data: bytes) -> None:
+        try:
+            header_height = decode_block_file(data).block.height
+        except PeerError as exc:
+            log.warning("skipping entry %s: %s", entry.index, exc)
+            return
+        if header_height <= self.verifier.height:
+            return  # re-applied after a restart: the store already has it
+        try:
+            block_file = self._check_and_account(header_height, data)
+        except LedgerInvalid as exc:
+            # Deterministic: every node reaches the same verdict on the same committed bytes.
+            self.verifier = self.verifier.reset_failure()
+            log.warning("skipping block from entry %s (term %s): %s", entry.index, entry.term, exc)
+            if self._is_leader():
+                self.was_leader = False  # rebuild the tentative chain from what is applied
+            return
+        height = block_file.block.height
+        self.block_files[height] = block_file
+        self._write_store(height, data)
+        signature = commit_signature(self.node.key, block_file.block.hash)
+        self.signatures.setdefault(height, {})[self.node.key.id] = signature
+        self.own_unsent.append([height, block_file.block.hash, signature])
+        now = time.monotonic()
+        for envelope in block_file.block.records:
+            fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
+            started = self.received_at.pop((fields["from"], fields["seq"]), None)
+            if started is not None:
+                self.latencies.append(now - started)
+                if self.node.metrics is not None:
+                    self.node.metrics.commit_latency.observe(now - started)
+        self.committed_records += len(block_file.block.records)
+        if self.node.metrics is not None:
+            self.node.metrics.records_committed.inc(len(block_file.block.records))
+
+    def _apply_certs(self, certs: list[Any]) -> None:
+        for item in certs:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[2], dict)):
+                continue
+            height, digest, certificate = item
+            if height != self.certified + 1:
+                continue  # a duplicate (a retried cert entry) or out of order: ignored everywhere alike
+            block_file = self.block_files.get(height)
+            if block_file is None or block_file.block.hash != digest:
+                continue
+            final = BlockFile(block_file.block, block_file.proposer_signature, certificate)
+            data = encode_block_file(final)
+            self._write_store(height, data)
+            self.certified = height
+            del self.block_files[height]
+            self.signatures.pop(height, None)
+            self._publish(height, final, data)
+
+    def _write_store(self, height: int, data: bytes) -> None:
+        path = self.store / block_file_name(height)
+        temp = path.with_suffix(".tmp")
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+
+    def _publish(self, height: int, block_file: BlockFile, data: bytes) -> None:
+        if self.ledger_dir is not None and not self.divergent:
+            try:
+                put_block_file(self.ledger_dir, data)
+            except LedgerDivergence as exc:
+                self.divergent = True
+                log.error("LEDGER DIVERGENCE: %s; this node stops writing to %s", exc, self.ledger_dir)
+            except SharedLedgerError as exc:
+                log.error("%s", exc)
+        topics = self.node.topics
+        link = self.node.link
+        link.publish(topics.ledger_block(height), data, qos=1, retain=True)
+        if height >= self.retained_window:
+            link.publish(topics.ledger_block(height - self.retained_window), b"", qos=1, retain=True)
+        head = canonical.encode({"height": height, "hash": block_file.block.hash})
+        link.publish(topics.ledger_head(), head, qos=1, retain=True)
+        if self._is_leader():
+            for line_topic, line in audit_lines(topics, height, block_file):
+                link.publish(line_topic, line.encode(), qos=0)
+
+    def _fetch_from_shared_dir(self, height: int) -> None:
+        assert self.ledger_dir is not None
+        for h in range(self.verifier.height + 1, height + 1):
+            path = self.ledger_dir / block_file_name(h)
+            if not path.exists():
+                return
+            data = path.read_bytes()
+            self.verifier.add(h, data)
+            self._write_store(h, data)
+            self.certified = h
+
+
+def audit_lines(topics: Any, height: int, block_file: BlockFile) -> list[tuple[str, str]]:
+    """One readable JSON line per record, for `mosquitto_sub -t 'tomq/+/audit/#'`."""
+    out = []
+    for index, envelope in enumerate(block_file.block.records):
+        signed, _ = canonical.decode(envelope)
+        fields = canonical.decode(signed, check_canonical=False)
+        try:
+            record = records.from_map(fields["body"])
+        except InvalidRecord:
+            continue
+        line = {"height": height, "index": index, "block": block_file.block.hash.hex()[:16],
+                "record": record.record_id, "state": record.state, "proposer": fields["from"],
+                "seq": fields["seq"], "t": record.time_ms, "body": _jsonable(fields["body"])}
+        out.append((topics.audit(record.state), json.dumps(line, sort_keys=True)))
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex() if len(value) <= 64 else f"sha256:{hashlib.sha256(value).hexdigest()}"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
