@@ -292,6 +292,11 @@ class Policy:
         grant = self.grant(username)
         if grant is None or not is_valid_filter(topic_filter):
             return False
+        levels = topic_filter.split("/")
+        if len(levels) > 2 and levels[0] == "tomq" and levels[1] == "+":
+            # `tomq/+/audit/#` (DESIGN.md §3, for mosquitto_sub): one broker serves one cluster, and
+            # every delivery is checked by may_receive, so read the wildcard as this cluster.
+            topic_filter = "/".join([self.root, *levels[2:]])
         return any(filter_contains(pattern, topic_filter) for pattern in grant.subscribe)
 
     def may_receive(self, username: str | None, topic: str) -> bool:

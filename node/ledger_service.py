@@ -92,6 +92,9 @@ class LedgerService:
         self.own_unsent: list[list[Any]] = []
         self.last_gossip = 0.0
         self.divergent = False  # set once the shared directory disagreed: this node stops writing there
+        self.shared_next = 0  # lowest certified height not yet confirmed in the shared directory
+        self.divergence_strikes: dict[int, int] = {}
+        self.last_shared_error = 0.0
         # leader-only state
         self.pending: list[_Pending] = []
         self.pending_ids: set[tuple[str, int]] = set()
@@ -119,12 +122,6 @@ class LedgerService:
             if not genesis_path.exists():
                 raise TomqError(f"{genesis_path} is missing; create it with: tomq ledger genesis {self.node.cluster.directory}")
             stored.write_bytes(genesis_path.read_bytes())
-        if self.ledger_dir is not None:
-            try:
-                put_block_file(self.ledger_dir, stored.read_bytes())  # the shared ledger starts at genesis too
-            except (LedgerDivergence, SharedLedgerError) as exc:
-                self.divergent = isinstance(exc, LedgerDivergence)
-                log.error("%s", exc)
         height = 0
         while True:
             path = self.store / block_file_name(height)
@@ -174,6 +171,7 @@ class LedgerService:
     def tick(self, node: NodeDaemon) -> None:
         self._follow_leadership()
         self._maybe_propose_certificates()
+        self._sync_shared_dir()
 
     def after_input(self, node: NodeDaemon) -> None:
         self._follow_leadership()
@@ -394,22 +392,49 @@ class LedgerService:
 
     def _write_store(self, height: int, data: bytes) -> None:
         path = self.store / block_file_name(height)
-        temp = path.with_suffix(".tmp")
+        temp = self.store / f".{path.name}.tmp"  # a dot-file: never mistaken for a block by verify
         with open(temp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
+        directory = os.open(self.store, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself must survive a power cut
+        finally:
+            os.close(directory)
+
+    def _sync_shared_dir(self, budget: int = 200) -> None:
+        """Put every certified block into the shared directory, in order, retrying what failed.
+
+        A GlusterFS mount can refuse writes for a while (no quorum, ENOTCONN); the store keeps every
+        block, so a height that failed is written on a later tick instead of leaving a gap.
+        """
+        if self.ledger_dir is None or self.divergent:
+            return
+        while self.shared_next <= self.certified and budget > 0:
+            budget -= 1
+            height = self.shared_next
+            try:
+                put_block_file(self.ledger_dir, (self.store / block_file_name(height)).read_bytes())
+            except LedgerDivergence as exc:
+                # A read racing a brick's self-heal can look like different bytes: be sure before
+                # stopping for good. Three disagreements on one height, a tick apart, are divergence.
+                strikes = self.divergence_strikes[height] = self.divergence_strikes.get(height, 0) + 1
+                if strikes >= 3:
+                    self.divergent = True
+                    log.error("LEDGER DIVERGENCE: %s; this node stops writing to %s", exc, self.ledger_dir)
+                return
+            except (SharedLedgerError, OSError) as exc:
+                if time.monotonic() - self.last_shared_error > 10:
+                    self.last_shared_error = time.monotonic()
+                    log.error("shared ledger directory: %s (will retry)", exc)
+                return
+            self.divergence_strikes.pop(height, None)
+            self.shared_next = height + 1
 
     def _publish(self, height: int, block_file: BlockFile, data: bytes) -> None:
-        if self.ledger_dir is not None and not self.divergent:
-            try:
-                put_block_file(self.ledger_dir, data)
-            except LedgerDivergence as exc:
-                self.divergent = True
-                log.error("LEDGER DIVERGENCE: %s; this node stops writing to %s", exc, self.ledger_dir)
-            except SharedLedgerError as exc:
-                log.error("%s", exc)
+        self._sync_shared_dir()
         topics = self.node.topics
         link = self.node.link
         link.publish(topics.ledger_block(height), data, qos=1, retain=True)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from procs import PYTHON, Mosquitto, NodeProcess, free_port
+from procs import BROKERS, PYTHON, NodeProcess, free_port
 from tomq import cluster, records
 from tomq.node.cli import Proposer, write_genesis
 from tomq.records import DATA, ID_CREATE, Identity, Provenance, Record
@@ -16,7 +16,7 @@ TOMQ = [PYTHON, "-m", "tomq"]
 
 
 class LedgerCluster:
-    def __init__(self, tmp_path: Path, nodes: int = 3, broker: Any = None, ledger_dir: Path | None = None,
+    def __init__(self, tmp_path: Path, nodes: int = 3, broker: str = "mosquitto", ledger_dir: Path | None = None,
                  mode: str = "stable") -> None:
         self.directory = tmp_path / "cluster"
         self.names = [f"n{i}" for i in range(1, nodes + 1)]
@@ -24,7 +24,7 @@ class LedgerCluster:
         cluster.add_member(self.directory, "s1", "sensor")
         write_genesis(self.directory)
         self.cluster = cluster.load(self.directory)
-        self.broker = broker or Mosquitto(self.directory, tmp_path / "broker")
+        self.broker = BROKERS[broker](self.directory, tmp_path / "broker")
         self.ledger_dir = ledger_dir if ledger_dir is not None else tmp_path / "shared-ledger"
         self.tmp_path = tmp_path
         self.mode = mode

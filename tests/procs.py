@@ -6,7 +6,6 @@ Every process started here is stopped by the same fixture that started it, and o
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -15,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+PYTHON = sys.executable
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
@@ -42,21 +42,28 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, tim
 
 
 class Mosquitto:
-    """A real mosquitto with the cluster's password file (authentication only; ACLs are tested elsewhere)."""
+    """A real mosquitto running the cluster's policy: the files `tomq broker --mosquitto-conf` emits."""
+
+    name = "mosquitto"
 
     def __init__(self, cluster_dir: Path, workdir: Path, port: int | None = None) -> None:
+        from tomq.broker.mosquitto import write_mosquitto_config
+
         self.port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
-        passwd = workdir / "passwd"
-        shutil.copyfile(cluster_dir / "broker" / "passwd", passwd)
-        os.chmod(passwd, 0o600)
-        self.config = workdir / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
-            f"persistence false\nuser {pwd.getpwuid(os.getuid()).pw_name}\nmax_queued_messages 100000\n"
-        )
-        self.log = open(workdir / "mosquitto.log", "wb")
+        self.cluster_dir = cluster_dir
+        self.workdir = workdir
+        self.config = write_mosquitto_config(cluster_dir, workdir / "conf", self.port)
+        self.log = open(workdir / "mosquitto.log", "ab")
         self.process: subprocess.Popen[bytes] | None = None
+
+    def refresh(self) -> None:
+        """Write the files again (after `tomq device add`) and make mosquitto re-read them."""
+        from tomq.broker.mosquitto import write_mosquitto_config
+
+        write_mosquitto_config(self.cluster_dir, self.workdir / "conf", self.port)
+        if self.process is not None:
+            self.process.send_signal(signal.SIGHUP)
 
     def start(self) -> None:
         binary = which("mosquitto")
@@ -77,6 +84,32 @@ class Mosquitto:
     def close(self) -> None:
         self.stop()
         self.log.close()
+
+
+class AmqttBroker(Mosquitto):
+    """The embedded amqtt broker as its own process: `tomq broker DIR --port P`."""
+
+    name = "amqtt"
+
+    def __init__(self, cluster_dir: Path, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.cluster_dir = cluster_dir
+        self.workdir = workdir
+        self.log = open(workdir / "amqtt.log", "ab")
+        self.process = None
+
+    def refresh(self) -> None:
+        pass  # the embedded broker reloads its policy when cluster.toml or passwd change
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "tomq", "broker", str(self.cluster_dir), "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.process, timeout=20)
+
+
+BROKERS = {"mosquitto": Mosquitto, "amqtt": AmqttBroker}
 
 
 class NodeProcess:
@@ -119,4 +152,3 @@ class NodeProcess:
             return ""
 
 
-PYTHON = sys.executable
