@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tomq import canonical, cluster, records
-from tomq.errors import ConfigError, UsageError
+from tomq.errors import ConfigError, PeerError, UsageError
 from tomq.mqtt import MqttLink
 from tomq.node.ledger.block import decode_block_file
 from tomq.wire import seal
@@ -32,6 +32,7 @@ def register(commands: Any) -> None:
     node.add_argument("--tick-ms", type=float, default=50.0, help="Raft tick; elections after 10-20 ticks")
     node.add_argument("--max-batch", type=int, default=1000, help="records per block at most")
     node.add_argument("--retained-blocks", type=int, default=100, help="blocks kept retained on ledger/block/<h>")
+    node.add_argument("--snapshot-every", type=int, default=2000, help="Raft entries applied between log compactions")
     node.add_argument("--log-level", default="INFO")
     node.set_defaults(run=_run_node)
 
@@ -85,7 +86,8 @@ def _run_node(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s {args.id} %(levelname)s %(name)s: %(message)s")
     options = NodeOptions(mode=args.mode, tick_seconds=args.tick_ms / 1000, data_dir=args.data_dir,
-                          host=args.host, port=args.port, metrics_port=args.metrics_port)
+                          host=args.host, port=args.port, metrics_port=args.metrics_port,
+                          snapshot_every=args.snapshot_every)
     node = NodeDaemon(args.dir, args.id,
                       lambda n: LedgerService(n, ledger_dir=args.ledger_dir, max_batch=args.max_batch,
                                               retained_window=args.retained_blocks),
@@ -120,22 +122,43 @@ class Proposer:
 
     def __init__(self, directory: str, as_name: str | None = None) -> None:
         self.committed: set[tuple[str, int]] = set()
+        self.aliases: dict[int, list[int]] = {}  # original seq -> every seq it was sealed with
         self._changed = threading.Condition()
         self.cluster, self.name, self.link = _link(directory, as_name, self._on_message)
         self.key = self.cluster.signing_key(self.name)
         # Microseconds since the epoch: successive proposers under one identity keep increasing.
         self._seq = int(time.time() * 1_000_000)
+        self.link.subscribe(f"{self.cluster.topics.root}/ledger/block/+", qos=1)
         self.link.subscribe(f"{self.cluster.topics.root}/audit/#")
         self.link.start()
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        try:
-            line = json.loads(payload)
-        except ValueError:
+        # A certified block on ledger/block/<h> is the acknowledgement: every node publishes it, so it
+        # survives a leader change that an audit line (published by one node) might not.
+        if not payload:
             return
-        if isinstance(line, dict) and line.get("proposer") == self.key.id:
+        if "/audit/" in topic:
+            try:
+                line = json.loads(payload)
+            except ValueError:
+                return
+            if isinstance(line, dict) and line.get("proposer") == self.key.id:
+                with self._changed:
+                    self.committed.add((line["proposer"], line["seq"]))
+                    self._changed.notify_all()
+            return
+        try:
+            block = decode_block_file(payload).block
+        except PeerError:
+            return
+        mine = []
+        for envelope in block.records:
+            fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
+            if fields["from"] == self.key.id:
+                mine.append((fields["from"], fields["seq"]))
+        if mine:
             with self._changed:
-                self.committed.add((line["proposer"], line["seq"]))
+                self.committed.update(mine)
                 self._changed.notify_all()
 
     def seal(self, record_map: dict[str, Any]) -> tuple[bytes, int]:
@@ -148,19 +171,33 @@ class Proposer:
         self.link.publish(self.cluster.topics.ledger_propose(), wire, qos=1)
 
     def wait(self, seqs: list[int], timeout: float, resend: dict[int, bytes] | None = None) -> list[int]:
-        """Wait until every seq is committed; re-propose the missing ones every second. Returns the missing."""
+        """Wait until every record is committed; returns the seqs still missing at the timeout.
+
+        With `resend` (seq -> envelope), a record not committed within a second is sealed again with
+        a new sequence number and proposed again: the ledger accepts a proposer's records only in
+        rising sequence order, so re-sending the old envelope after a later one was taken would be
+        refused. A record sealed twice can in rare cases commit twice; Table II refuses a second
+        PROV-DATA for the same datum, so readings are never counted twice.
+        """
+        aliases = self.aliases
+        for seq in seqs:
+            aliases.setdefault(seq, [seq])
         deadline = time.monotonic() + timeout
         next_resend = time.monotonic() + 1.0
         while True:
             with self._changed:
-                missing = [s for s in seqs if (self.key.id, s) not in self.committed]
+                missing = [s for s in seqs if not any((self.key.id, a) in self.committed for a in aliases[s])]
                 if not missing or time.monotonic() >= deadline:
                     return missing
                 self._changed.wait(0.05)
             if resend and time.monotonic() >= next_resend:
                 next_resend = time.monotonic() + 1.0
                 for seq in missing:
-                    self.propose(resend[seq])
+                    signed, _ = canonical.decode(resend[seq])
+                    body = canonical.decode(signed, check_canonical=False)["body"]
+                    wire, new_seq = self.seal(body)
+                    aliases[seq].append(new_seq)
+                    self.propose(wire)
 
     def close(self) -> None:
         self.link.stop()

@@ -42,6 +42,8 @@ class Applier(Protocol):
 
     def snapshot(self) -> bytes: ...
 
+    def compactable_index(self) -> int: ...
+
     def restore(self, data: bytes) -> None: ...
 
     def tick(self, node: NodeDaemon) -> None: ...
@@ -243,8 +245,10 @@ class NodeDaemon:
 
     def _maybe_compact(self) -> None:
         log_ = self.raft.log
-        if log_.applied - log_.snap_index >= self.options.snapshot_every:
-            self.raft.compact(log_.applied, self.applier.snapshot())
+        # Only as far as the applier allows: its snapshot must describe state at that index.
+        index = min(log_.applied, self.applier.compactable_index())
+        if index - log_.snap_index >= self.options.snapshot_every and index == log_.applied:
+            self.raft.compact(index, self.applier.snapshot())
 
     # ------------------------------------------------------------ helpers for appliers
 

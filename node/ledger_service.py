@@ -111,6 +111,9 @@ class LedgerService:
         self.committed_records = 0
         self.refused: dict[str, int] = {}
         self.seqs: dict[str, int] = {}  # proposer id -> highest committed record seq
+        self.catchup_target = -1
+        self.backlog: list[Entry] = []
+        self.compactable = 0  # highest Raft index up to which every block is certified
         self._load_store()
 
     # ------------------------------------------------------------------ startup
@@ -141,6 +144,12 @@ class LedgerService:
     # ------------------------------------------------------------------ Applier interface
 
     def apply(self, entry: Entry) -> None:
+        if self.catchup_target > self.verifier.height:
+            self.backlog.append(entry)
+            return
+        self._apply_entry(entry)
+
+    def _apply_entry(self, entry: Entry) -> None:
         try:
             item = canonical.decode(entry.data, check_canonical=False)
         except canonical.CanonicalDecodeError:
@@ -152,6 +161,13 @@ class LedgerService:
             self._apply_block(entry, item["file"])
         elif item.get("t") == "cert" and isinstance(item.get("certs"), list):
             self._apply_certs(item["certs"])
+            if self.certified == self.verifier.height:
+                # Every block up to here is certified, hence in the shared directory: the Raft log may
+                # be compacted this far, and a node restored from such a snapshot can fetch them all.
+                self.compactable = entry.index
+
+    def compactable_index(self) -> int:
+        return self.compactable
 
     def snapshot(self) -> bytes:
         # Blocks themselves live in the store (and the shared directory); the Raft snapshot only records
@@ -160,15 +176,20 @@ class LedgerService:
                                  "certified": self.certified})
 
     def restore(self, data: bytes) -> None:
+        """The leader sent a snapshot: the blocks it covers come from the shared directory.
+
+        Until this node holds them, later committed entries wait in a backlog (applying them now would
+        skip them as not following our head, and this node would silently fall off the chain).
+        """
         marker = canonical.decode(data, check_canonical=False) if data else {}
         height = marker.get("height", -1) if isinstance(marker, dict) else -1
-        if height > self.verifier.height and self.ledger_dir is not None:
-            self._fetch_from_shared_dir(height)
         if height > self.verifier.height:
-            log.warning("snapshot covers ledger height %s but this node holds only %s and cannot fetch the rest",
-                        height, self.verifier.height)
+            self.catchup_target = max(self.catchup_target, height)
+            self._catch_up()
 
     def tick(self, node: NodeDaemon) -> None:
+        if self.catchup_target > self.verifier.height:
+            self._catch_up()
         self._follow_leadership()
         self._maybe_propose_certificates()
         self._sync_shared_dir()
@@ -242,7 +263,8 @@ class LedgerService:
             self.early.clear()
             self.tentative_state = None
         self.was_leader = leader
-        if leader and self.tentative_state is None and self.node.raft.log.applied >= self.ready_at:
+        caught_up = self.catchup_target <= self.verifier.height
+        if leader and self.tentative_state is None and self.node.raft.log.applied >= self.ready_at and caught_up:
             self.tentative_height = self.verifier.height
             self.tentative_head = self.verifier.head_hash
             self.tentative_state = self.verifier.state
@@ -270,8 +292,14 @@ class LedgerService:
             self._refuse(type(exc).__name__, str(exc))
             return
         key = (envelope.sender, envelope.seq)
-        if key in self.pending_ids or envelope.seq <= self.tentative_seqs.get(envelope.sender, 0):
-            return  # already batched, or already in the ledger: a retry
+        if key in self.pending_ids or envelope.seq <= self.seqs.get(envelope.sender, 0):
+            return  # already batched, or at or below what the ledger holds from this proposer: a retry
+        if envelope.seq <= self.tentative_seqs.get(envelope.sender, 0):
+            # Sequence numbers must rise per proposer in ledger order (that is the ledger's replay
+            # protection); this one arrived after a later one was batched. The proposer re-seals it.
+            self._refuse("OutOfOrder", f"record {envelope.seq} from {envelope.sender} arrived after a later one; "
+                                       "propose it again with a new sequence number")
+            return
         sender = self.node.trust.by_id(envelope.sender)
         assert sender is not None
         try:
@@ -332,10 +360,13 @@ class LedgerService:
 
     def _check_and_account(self, height: int, data: bytes) -> BlockFile:
         block_file = self.verifier.add(height, data, require_certificate=False)
+        self._account_seqs(block_file)
+        return block_file
+
+    def _account_seqs(self, block_file: BlockFile) -> None:
         for envelope in block_file.block.records:
             fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
             self.seqs[fields["from"]] = max(self.seqs.get(fields["from"], 0), fields["seq"])
-        return block_file
 
     def _apply_block(self, entry: Entry, data: bytes) -> None:
         try:
@@ -416,7 +447,8 @@ class LedgerService:
             budget -= 1
             height = self.shared_next
             try:
-                put_block_file(self.ledger_dir, (self.store / block_file_name(height)).read_bytes())
+                data = (self.store / block_file_name(height)).read_bytes()
+                result = put_block_file(self.ledger_dir, data)
             except LedgerDivergence as exc:
                 # A read racing a brick's self-heal can look like different bytes: be sure before
                 # stopping for good. Three disagreements on one height, a tick apart, are divergence.
@@ -432,6 +464,9 @@ class LedgerService:
                 return
             self.divergence_strikes.pop(height, None)
             self.shared_next = height + 1
+            if result.written:
+                # Exactly one node's link creates the file: that node speaks for the height on audit/.
+                self._publish_audit(height, decode_block_file(data))
 
     def _publish(self, height: int, block_file: BlockFile, data: bytes) -> None:
         self._sync_shared_dir()
@@ -442,20 +477,44 @@ class LedgerService:
             link.publish(topics.ledger_block(height - self.retained_window), b"", qos=1, retain=True)
         head = canonical.encode({"height": height, "hash": block_file.block.hash})
         link.publish(topics.ledger_head(), head, qos=1, retain=True)
-        if self._is_leader():
-            for line_topic, line in audit_lines(topics, height, block_file):
-                link.publish(line_topic, line.encode(), qos=0)
+        if self.ledger_dir is None and self._is_leader():
+            self._publish_audit(height, block_file)  # without a shared directory the leader speaks
 
-    def _fetch_from_shared_dir(self, height: int) -> None:
-        assert self.ledger_dir is not None
-        for h in range(self.verifier.height + 1, height + 1):
-            path = self.ledger_dir / block_file_name(h)
-            if not path.exists():
+    def _publish_audit(self, height: int, block_file: BlockFile) -> None:
+        for line_topic, line in audit_lines(self.node.topics, height, block_file):
+            self.node.link.publish(line_topic, line.encode(), qos=0)
+
+    def _catch_up(self) -> None:
+        """Fetch certified blocks up to the snapshot's height from the shared directory, then drain."""
+        if self.ledger_dir is None:
+            if time.monotonic() - self.last_shared_error > 10:
+                self.last_shared_error = time.monotonic()
+                log.error("snapshot covers height %s, this node holds %s, and there is no --ledger-dir to fetch "
+                          "the blocks from; start it with the shared ledger directory", self.catchup_target,
+                          self.verifier.height)
+            return
+        while self.verifier.height < self.catchup_target:
+            height = self.verifier.height + 1
+            path = self.ledger_dir / block_file_name(height)
+            try:
+                data = path.read_bytes()
+            except OSError:
+                return  # not certified (or not written) yet: try again next tick
+            try:
+                self.verifier.add(height, data)
+            except LedgerInvalid as exc:
+                self.verifier = self.verifier.reset_failure()
+                log.error("cannot catch up from the shared directory: %s", exc)
                 return
-            data = path.read_bytes()
-            self.verifier.add(h, data)
-            self._write_store(h, data)
-            self.certified = h
+            self._account_seqs(decode_block_file(data))
+            self._write_store(height, data)
+            self.certified = height
+            self.shared_next = max(self.shared_next, height + 1)
+            self.block_files.pop(height, None)
+        log.info("caught up to ledger height %s from %s", self.verifier.height, self.ledger_dir)
+        backlog, self.backlog = self.backlog, []
+        for entry in backlog:
+            self.apply(entry)
 
 
 def audit_lines(topics: Any, height: int, block_file: BlockFile) -> list[tuple[str, str]]:

@@ -17,7 +17,8 @@ TOMQ = [PYTHON, "-m", "tomq"]
 
 class LedgerCluster:
     def __init__(self, tmp_path: Path, nodes: int = 3, broker: str = "mosquitto", ledger_dir: Path | None = None,
-                 mode: str = "stable") -> None:
+                 mode: str = "stable", extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = extra_args
         self.directory = tmp_path / "cluster"
         self.names = [f"n{i}" for i in range(1, nodes + 1)]
         cluster.init(self.directory, self.names)
@@ -34,7 +35,7 @@ class LedgerCluster:
     def _argv(self, name: str) -> list[str]:
         return [*TOMQ, "node", str(self.directory), "--id", name, "--host", "127.0.0.1",
                 "--port", str(self.broker.port), "--ledger-dir", str(self.ledger_dir), "--mode", self.mode,
-                "--metrics-port", str(self.metrics_ports[name])]
+                "--metrics-port", str(self.metrics_ports[name]), *self.extra_args]
 
     def start(self) -> None:
         self.broker.start()
@@ -59,6 +60,16 @@ class LedgerCluster:
 
     def store(self, name: str) -> Path:
         return self.directory / "members" / name / "state" / "blocks"
+
+    def leader(self) -> str | None:
+        """The node that most recently logged becoming leader (highest term), from the nodes' logs."""
+        best: tuple[int, str] | None = None
+        for name, node in self.nodes.items():
+            for line in node.tail(5000).splitlines():
+                if "became leader of term" in line:
+                    term = int(line.rsplit(" ", 1)[1])
+                    best = max(best or (term, name), (term, name))
+        return best[1] if best else None
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{node.tail(40)}" for name, node in self.nodes.items())

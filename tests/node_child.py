@@ -33,6 +33,9 @@ class AppendToFile:
     def snapshot(self) -> bytes:
         return b""
 
+    def compactable_index(self) -> int:
+        return self.node.raft.log.applied
+
     def restore(self, data: bytes) -> None:
         pass
 
