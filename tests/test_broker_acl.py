@@ -170,7 +170,9 @@ def test_policy_never_grants_outside_the_root_or_a_wildcard(policy: Policy, topi
         ("n1", t("node/n1/raft/+"), True),
         ("n1", "tomq/#", False),
         ("n1", "#", False),
-        ("n1", "tomq/+/audit/#", False),  # other clusters' audit
+        ("n1", "tomq/+/audit/#", True),  # DESIGN.md §3: mosquitto_sub -t "tomq/+/audit/#" (read as this cluster)
+        ("s1", "tomq/+/audit/#", True),
+        ("s1", "tomq/+/ledger/#", False),  # the cluster wildcard widens nothing else
         ("n1", "$SYS/#", False),
         ("n1", t("dev/a+/data"), False),  # not a valid filter
         ("n1", t("#/x"), False),
