@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tomq.ledger")
 
+RECENT_SECONDS = 2.0  # how long every node remembers proposals, for the next leader to batch
+
 
 class _NoReplayCheck:
     """Proposals are de-duplicated against the ledger itself (per-proposer committed sequence)."""
@@ -114,6 +116,8 @@ class LedgerService:
         self.catchup_target = -1
         self.backlog: list[Entry] = []
         self.compactable = 0  # highest Raft index up to which every block is certified
+        self.recent: deque[tuple[float, bytes]] = deque()
+        self.wants_leader = False
         self._load_store()
 
     # ------------------------------------------------------------------ startup
@@ -190,6 +194,14 @@ class LedgerService:
     def tick(self, node: NodeDaemon) -> None:
         if self.catchup_target > self.verifier.height:
             self._catch_up()
+        if self.wants_leader:
+            # On-demand: no leader while idle; a node that holds proposals stands for election, after a
+            # random tick or two so that not every node (they all got the proposal) stands at once.
+            if self.node.raft.leader is not None or self._is_leader():
+                self.wants_leader = False
+            elif self.node.raft.rng.random() < 0.3:
+                self.wants_leader = False
+                self.node.raft.campaign()
         self._follow_leadership()
         self._maybe_propose_certificates()
         self._sync_shared_dir()
@@ -228,6 +240,14 @@ class LedgerService:
 
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.node.topics.ledger_propose():
+            # Every node keeps the last moments of proposals: a node that becomes leader a little later
+            # (a failover, or an on-demand election this very proposal triggers) batches them too.
+            now = time.monotonic()
+            self.recent.append((now, payload))
+            while self.recent and now - self.recent[0][0] > RECENT_SECONDS:
+                self.recent.popleft()
+            if self.node.options.mode == "on-demand" and self.node.raft.leader is None and not self._is_leader():
+                self.wants_leader = True
             self._on_proposal(payload)
 
     def status(self) -> dict[str, Any]:
@@ -269,8 +289,11 @@ class LedgerService:
             self.tentative_head = self.verifier.head_hash
             self.tentative_state = self.verifier.state
             self.tentative_seqs = dict(self.seqs)
-            early, self.early = self.early, []
-            for payload in early:
+            candidates = {p: None for _, p in self.recent}
+            candidates.update(dict.fromkeys(self.early))
+            self.early = []
+            # Replay in rising sequence order: the ledger takes a proposer's records only in that order.
+            for payload in sorted(candidates, key=_envelope_seq):
                 self._on_proposal(payload)
 
     def _refuse(self, reason: str, detail: str) -> None:
@@ -515,6 +538,14 @@ class LedgerService:
         backlog, self.backlog = self.backlog, []
         for entry in backlog:
             self.apply(entry)
+
+
+def _envelope_seq(envelope: bytes) -> int:
+    try:
+        fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
+        return int(fields["seq"])
+    except (canonical.CanonicalDecodeError, KeyError, TypeError, ValueError, IndexError):
+        return 0  # malformed: the opener will refuse it with a reason
 
 
 def audit_lines(topics: Any, height: int, block_file: BlockFile) -> list[tuple[str, str]]:

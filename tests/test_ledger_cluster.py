@@ -13,13 +13,14 @@ from procs import PYTHON, which
 from tomq.mqtt import wait_until
 
 
-@pytest.fixture(params=[("amqtt", 3), ("amqtt", 5), ("mosquitto", 3), ("mosquitto", 5)],
-                ids=lambda p: f"{p[0]}-{p[1]}nodes")
+@pytest.fixture(params=[("amqtt", 3, "stable"), ("amqtt", 5, "stable"), ("mosquitto", 3, "stable"),
+                        ("mosquitto", 5, "stable"), ("mosquitto", 3, "on-demand")],
+                ids=lambda p: f"{p[0]}-{p[1]}nodes-{p[2]}")
 def ledger_cluster(request, tmp_path):
-    broker, nodes = request.param
+    broker, nodes, mode = request.param
     if broker == "mosquitto":
         require("mosquitto", which("mosquitto") is not None, "install the Debian package mosquitto")
-    running = LedgerCluster(tmp_path, nodes=nodes, broker=broker)
+    running = LedgerCluster(tmp_path, nodes=nodes, broker=broker, mode=mode)
     running.start()
     yield running
     running.stop()
