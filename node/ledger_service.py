@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import statistics
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tomq import canonical, records
+from tomq.durable import replace_file
 from tomq.errors import EnvelopeRejected, InvalidRecord, PeerError, TomqError
 from tomq.node.ledger import pattern
 from tomq.node.ledger.block import (
@@ -445,18 +445,7 @@ class LedgerService:
             self._publish(height, final, data)
 
     def _write_store(self, height: int, data: bytes) -> None:
-        path = self.store / block_file_name(height)
-        temp = self.store / f".{path.name}.tmp"  # a dot-file: never mistaken for a block by verify
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        directory = os.open(self.store, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself must survive a power cut
-        finally:
-            os.close(directory)
+        replace_file(self.store / block_file_name(height), data)
 
     def _sync_shared_dir(self, budget: int = 200) -> None:
         """Put every certified block into the shared directory, in order, retrying what failed.

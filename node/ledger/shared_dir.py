@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tomq.durable import fsync_directory
 from tomq.errors import PeerError, TomqError, UsageError
 from tomq.node.ledger.block import (
     MAX_BLOCK_FILE_BYTES,
@@ -78,7 +79,7 @@ def put_block_file(directory: str | os.PathLike[str], data: bytes) -> PutResult:
             _unlink_quietly(temp)
             raise
         os.unlink(temp)
-        _fsync_directory(root)
+        fsync_directory(root)
     except OSError as exc:
         raise SharedLedgerError(
             f"cannot put block {height} into {root}: {exc.strerror or exc} (the directory must be writable "
@@ -140,9 +141,3 @@ def _unlink_quietly(path: Path) -> None:
         pass  # a leftover temporary is harmless (see the module docstring)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from tomq import canonical
+from tomq.durable import fsync_directory
 from tomq.errors import TomqError
 from tomq.node.raft.types import Entry, EntryKind, HardState, Snapshot, SnapshotMeta
 
@@ -242,13 +243,6 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_atomic(path: Path, data: bytes) -> int:
     """Replace `path` by `data` so that a crash leaves either the old or the new file, never a mix.
@@ -259,7 +253,7 @@ def _write_atomic(path: Path, data: bytes) -> int:
         _write_all(fd, data, 0)
         os.fsync(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
     except BaseException:
         os.close(fd)
         raise
@@ -297,7 +291,7 @@ class FileStorage:
         try:
             if not self._dir.is_dir():
                 self._dir.mkdir(parents=True)
-                _fsync_dir(self._dir.parent)  # else a power loss could take the new directory, files and all
+                fsync_directory(self._dir.parent)  # else a power loss could take the new directory, files and all
             self._fds["lock"] = os.open(self._dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(self._fds["lock"], fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,0 +1,31 @@
+"""Small durable-write helpers shared by every adapter that puts state on disk.
+
+What must never happen: a file that is visible under its final name before its bytes are on disk,
+or a rename that a power cut can undo.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Make a rename, link or unlink inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically put `data` at `path`: write a hidden temp file, fsync it, rename, fsync the directory."""
+    final = Path(path)
+    temp = final.with_name(f".{final.name}.tmp")  # a dot-file: never mistaken for the real thing
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, final)
+    fsync_directory(final.parent)
