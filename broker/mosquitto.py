@@ -80,6 +80,9 @@ def render_conf(port: int, passwd: Path, acl: Path, user: str, host: str = "127.
         # tomq keeps its own state in the ledger; retained messages are re-published by the nodes.
         "persistence false",
         "log_dest stderr",
+        # Raft and the ledger send many small messages; without this, Nagle's algorithm and delayed
+        # ACKs add ~40 ms to a round trip (measured: leader commit 43 ms -> 7.7 ms).
+        "set_tcp_nodelay true",
         # Started as root, mosquitto switches to user `mosquitto`, which cannot read the 0600 files
         # written here by the current user; name the current user instead.
         f"user {user}",

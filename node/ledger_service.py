@@ -209,6 +209,7 @@ class LedgerService:
     def after_input(self, node: NodeDaemon) -> None:
         self._follow_leadership()
         self._cut_block()
+        self._maybe_propose_certificates()  # as soon as a majority has signed, not at the next tick
 
     def extras_for_peers(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -216,9 +217,10 @@ class LedgerService:
             # Re-send our signatures of blocks still uncertified: a new leader may not have them.
             self.last_gossip = now
             mine = self.node.key.id
+            # The oldest first: certificates are issued in height order, so those unblock the rest.
             self.own_unsent = [[h, self.block_files[h].block.hash, sigs[mine]]
                                for h, sigs in sorted(self.signatures.items())
-                               if h in self.block_files and mine in sigs][-256:]
+                               if h in self.block_files and mine in sigs][:256]
         if not self.own_unsent:
             return {}
         sigs, self.own_unsent = self.own_unsent, []
@@ -278,6 +280,7 @@ class LedgerService:
             self.tentative_state = None
             self.cert_in_flight = self.certified
         elif not leader and self.was_leader:
+            self.verifier.checked_envelopes.clear()
             self.pending.clear()
             self.pending_ids.clear()
             self.early.clear()
@@ -332,6 +335,7 @@ class LedgerService:
             self._refuse(type(exc).__name__, f"from {sender.name}: {exc}")
             return
         self.tentative_seqs[envelope.sender] = envelope.seq
+        self.verifier.checked_envelopes.add(payload)  # verified once, here; not again when applied
         self.pending.append(_Pending(payload, envelope.sender, envelope.seq, time.monotonic()))
         self.pending_ids.add(key)
         if len(self.pending) >= self.max_batch:
@@ -409,6 +413,7 @@ class LedgerService:
                 self.was_leader = False  # rebuild the tentative chain from what is applied
             return
         height = block_file.block.height
+        self.verifier.checked_envelopes.difference_update(block_file.block.records)
         self.block_files[height] = block_file
         self._write_store(height, data)
         signature = commit_signature(self.node.key, block_file.block.hash)

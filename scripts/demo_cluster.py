@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-from tomq import cluster
 from tomq.node.cli import Proposer, write_genesis
 from tomq.records import DATA, ID_CREATE, Identity, Provenance, Record
 
@@ -56,11 +55,11 @@ def main() -> int:
     processes = []
     try:
         print("== tomq broker (embedded amqtt with tomq's ACL) and three tomq node processes")
-        broker_log = open(logs / "broker.log", "wb")  # noqa: SIM115 - closed with the process
+        broker_log = open(logs / "broker.log", "wb")
         processes.append(subprocess.Popen([*TOMQ, "broker", str(directory)], stdout=broker_log, stderr=subprocess.STDOUT))
         wait_for_port(port)
         for name in ("n1", "n2", "n3"):
-            log = open(logs / f"{name}.log", "wb")  # noqa: SIM115
+            log = open(logs / f"{name}.log", "wb")
             processes.append(subprocess.Popen([*TOMQ, "node", str(directory), "--id", name, "--ledger-dir",
                                                str(ledger_dir)], stdout=log, stderr=subprocess.STDOUT))
         proposer = Proposer(str(directory), "n1")
