@@ -227,6 +227,11 @@ class NodeDaemon:
                 if entry.kind in (EntryKind.NORMAL, EntryKind.DECISION):
                     self.applier.apply(entry)
             self._maybe_compact()
+        # What applying produced (the ledger's commit signatures) goes out now, not with the next
+        # heartbeat: the leader is waiting for it to certify the block.
+        extras = self.applier.extras_for_peers()
+        if extras:
+            self.transport.send([], {p: extras for p in self.raft.voters if p != self.name})
 
     def _persist(self, ready: Ready) -> None:
         wrote = False
