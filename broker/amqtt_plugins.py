@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,11 +172,29 @@ class TomqAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
         return allowed
 
 
+class _SnapshotDict(dict[str, Any]):
+    """amqtt 0.12.1 iterates its subscription table while awaiting plugins (`_run_broadcast`, the
+    retained replay on connect); another client's SUBSCRIBE in between changed the table mid-loop
+    and "dictionary changed size during iteration" stopped all deliveries (seen with 5 nodes under
+    load). Iterating a copy gives each pass one consistent table."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return list(super().items())
+
+
 class TomqBroker(Broker):
     """amqtt's Broker with the delivery and session paths that bypass the plugins closed.
 
     The overridden methods are private to amqtt 0.12.1; each override says what it changes.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        table: dict[str, Any] = self._subscriptions  # type: ignore[has-type]
+        self._subscriptions = _SnapshotDict(table)
 
     def _access(self) -> TomqAccessPlugin | None:
         plugin = self.plugins_manager.get_plugin("TomqAccessPlugin")

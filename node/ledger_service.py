@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tomq.ledger")
 
 RECENT_SECONDS = 2.0  # how long every node remembers proposals, for the next leader to batch
+MAX_BLOCKS_IN_FLIGHT = 2  # proposed but not yet applied
 
 
 class _NoReplayCheck:
@@ -192,6 +193,7 @@ class LedgerService:
             self._catch_up()
 
     def tick(self, node: NodeDaemon) -> None:
+        self._cut_block()
         if self.catchup_target > self.verifier.height:
             self._catch_up()
         if self.wants_leader:
@@ -344,6 +346,11 @@ class LedgerService:
     def _cut_block(self) -> None:
         if not self.pending or not self._is_leader():
             return
+        in_flight = self.tentative_height - self.verifier.height
+        if in_flight >= MAX_BLOCKS_IN_FLIGHT and len(self.pending) < self.max_batch:
+            # Let records gather while earlier blocks commit: under load blocks grow instead of
+            # multiplying, and every block costs a Raft round, a certificate and broker fan-out.
+            return
         batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
         height = self.tentative_height + 1
         block = make_block(height=height, prev=self.tentative_head, term=self.node.raft.term,
@@ -482,11 +489,20 @@ class LedgerService:
             self.divergence_strikes.pop(height, None)
             self.shared_next = height + 1
             if result.written:
-                # Exactly one node's link creates the file: that node speaks for the height on audit/.
-                self._publish_audit(height, decode_block_file(data))
+                # Exactly one node's link creates the file: that node speaks for the height.
+                self._speak(height, decode_block_file(data), data)
 
     def _publish(self, height: int, block_file: BlockFile, data: bytes) -> None:
         self._sync_shared_dir()
+        if self.ledger_dir is None and self._is_leader():
+            self._speak(height, block_file, data)  # without a shared directory the leader speaks
+
+    def _speak(self, height: int, block_file: BlockFile, data: bytes) -> None:
+        """Publish a certified block: retained block and head, and one audit line per record.
+
+        One node speaks for each height (the one whose link created the shared file), so the broker
+        carries each block once, not once per node.
+        """
         topics = self.node.topics
         link = self.node.link
         link.publish(topics.ledger_block(height), data, qos=1, retain=True)
@@ -494,12 +510,8 @@ class LedgerService:
             link.publish(topics.ledger_block(height - self.retained_window), b"", qos=1, retain=True)
         head = canonical.encode({"height": height, "hash": block_file.block.hash})
         link.publish(topics.ledger_head(), head, qos=1, retain=True)
-        if self.ledger_dir is None and self._is_leader():
-            self._publish_audit(height, block_file)  # without a shared directory the leader speaks
-
-    def _publish_audit(self, height: int, block_file: BlockFile) -> None:
-        for line_topic, line in audit_lines(self.node.topics, height, block_file):
-            self.node.link.publish(line_topic, line.encode(), qos=0)
+        for line_topic, line in audit_lines(topics, height, block_file):
+            link.publish(line_topic, line.encode(), qos=0)
 
     def _catch_up(self) -> None:
         """Fetch certified blocks up to the snapshot's height from the shared directory, then drain."""
