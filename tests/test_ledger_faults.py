@@ -67,16 +67,20 @@ def test_leader_killed_while_records_stream_then_it_restarts_and_catches_up(runn
         killed_at = time.monotonic()
         survivors = [n for n in running.names if n != victim]
         after_kill: dict[int, bytes] = {}
-        for i in range(200, 600):
-            wire, seq = proposer.seal(reading(i))
-            after_kill[seq] = wire
-            proposer.propose(wire)
-            if i % 25 == 0:
-                time.sleep(0.05)  # several blocks, so the log is compacted while the victim is down
-        first = min(after_kill)
-        assert not proposer.wait([first], 15, after_kill)
-        failover = time.monotonic() - killed_at
-        assert not proposer.wait(list(after_kill), 30, after_kill), running.logs()
+        failover = None
+        for round_start in range(200, 600, 50):
+            # Rounds that each wait for their commit: at least a block and a certificate entry per
+            # round, so the log is compacted (every 4 entries here) while the victim is down.
+            batch: dict[int, bytes] = {}
+            for i in range(round_start, round_start + 50):
+                wire, seq = proposer.seal(reading(i))
+                batch[seq] = wire
+                proposer.propose(wire)
+            after_kill.update(batch)
+            assert not proposer.wait(list(batch), 30, after_kill), running.logs()
+            if failover is None:
+                failover = time.monotonic() - killed_at
+        assert failover is not None
         new_leader = running.leader()
         assert new_leader in survivors
         # Every acknowledged record is in the ledger exactly once, on every survivor.
@@ -89,7 +93,7 @@ def test_leader_killed_while_records_stream_then_it_restarts_and_catches_up(runn
         assert "604 records" in result.stdout and "PROV-DATA 600" in result.stdout  # 3 nodes + s1 + 600, once each
         assert "caught up to ledger height" in running.nodes[victim].tail(400)  # via a snapshot, not the log
         print(f"failover (kill to first commit after it): {failover:.2f} s; {result.stdout.strip()}")
-        assert failover < 5.0
+        assert failover < 3.0  # bench/cluster.py reports the median; 0.7-1.0 s on this machine
     finally:
         proposer.close()
 
