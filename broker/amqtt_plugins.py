@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ class PolicySource:
         self._lock = threading.Lock()
         self._stamp = self._files_stamp()
         self._policy = self._load()
+        self._checked_at = time.monotonic()
 
     def _files_stamp(self) -> tuple[tuple[int, int], ...]:
         stamps = []
@@ -86,8 +88,17 @@ class PolicySource:
             log.warning("member %s of %s gets no broker access: %s", name, self.directory, reason)
         return policy
 
-    def current(self) -> Policy:
-        """The policy, reloaded first if its files changed. A broken reload keeps the old policy."""
+    def current(self, max_age: float = 0.0) -> Policy:
+        """The policy, reloaded first if its files changed. A broken reload keeps the old policy.
+
+        `max_age`: skip looking at the files if they were looked at that recently. Deliveries pass
+        RELOAD_CHECK_SECONDS (two stat() calls per delivery were the broker's hot spot); logins pass 0,
+        so a member added with `tomq device add` can connect at once.
+        """
+        now = time.monotonic()
+        if now - self._checked_at < max_age:
+            return self._policy
+        self._checked_at = now
         stamp = self._files_stamp()
         if stamp != self._stamp:
             with self._lock:
@@ -101,6 +112,8 @@ class PolicySource:
                     self._stamp = stamp
         return self._policy
 
+
+RELOAD_CHECK_SECONDS = 0.5  # how stale the policy may be after `tomq device add`
 
 _sources: dict[Path, PolicySource] = {}
 _sources_lock = threading.Lock()
@@ -204,7 +217,16 @@ class TomqBroker(Broker):
         plugin = self._access()
         if plugin is None:
             return False  # without tomq's plugin there is no policy, and nothing is delivered here
-        return plugin.source.current().may_receive(_text(session.username), topic)
+        policy = plugin.source.current(RELOAD_CHECK_SECONDS)
+        cache: tuple[Policy, dict[tuple[str | None, str], bool]] | None = getattr(self, "_receive_cache", None)
+        if cache is None or cache[0] is not policy or len(cache[1]) > 50_000:
+            cache = (policy, {})
+            self._receive_cache = cache
+        key = (_text(session.username), topic)
+        allowed = cache[1].get(key)
+        if allowed is None:
+            allowed = cache[1][key] = policy.may_receive(key[0], topic)
+        return allowed
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
