@@ -248,10 +248,10 @@ def _run_tail(args: argparse.Namespace) -> int:
                 fields = canonical.decode(signed, check_canonical=False)
                 body = fields["body"]
                 if args.json:
-                    from tomq.node.ledger_service import _jsonable
+                    from tomq.node.ledger_service import jsonable
 
                     print(json.dumps({"height": block.height, "index": index, "proposer": fields["from"],
-                                      "seq": fields["seq"], "record": _jsonable(body)}, sort_keys=True), flush=True)
+                                      "seq": fields["seq"], "record": jsonable(body)}, sort_keys=True), flush=True)
                 else:
                     print(f"{block.height:>6} {index:>4} {body.get('state', '?'):<15} from {fields['from']} "
                           f"seq {fields['seq']}", flush=True)

@@ -566,16 +566,16 @@ def audit_lines(topics: Any, height: int, block_file: BlockFile) -> list[tuple[s
             continue
         line = {"height": height, "index": index, "block": block_file.block.hash.hex()[:16],
                 "record": record.record_id, "state": record.state, "proposer": fields["from"],
-                "seq": fields["seq"], "t": record.time_ms, "body": _jsonable(fields["body"])}
+                "seq": fields["seq"], "t": record.time_ms, "body": jsonable(fields["body"])}
         out.append((topics.audit(record.state), json.dumps(line, sort_keys=True)))
     return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex() if len(value) <= 64 else f"sha256:{hashlib.sha256(value).hexdigest()}"
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
