@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PYTHON = sys.executable
@@ -28,11 +29,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 10.0) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 10.0,
+                  alive: Callable[[], bool] | None = None) -> None:
+    """Wait until 127.0.0.1:port accepts; fail early if `process` exits or `alive()` turns false."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        if alive is not None and not alive():
+            raise RuntimeError(f"the server exited before it listened on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import os
 import pwd
-import shutil
 import socket
 import ssl
 import struct
@@ -33,6 +32,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import require
+from procs import free_port, wait_for_port, which
 from tomq import cluster as clusters
 from tomq.broker import cli as broker_cli
 from tomq.broker.embedded import EmbeddedBroker
@@ -54,28 +54,10 @@ ROOT = f"tomq/{CLUSTER}"
 POSITIVE = 3.0  # seconds an allowed message may take to arrive
 NEGATIVE = 0.5  # seconds a denied message is given to show up anyway
 STEP = 5.0  # seconds for any connect, subscribe or process start
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 def t(below_root: str) -> str:
     return f"{ROOT}/{below_root}"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_for_port(port: int, alive: Any) -> None:
-    deadline = time.monotonic() + STEP
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError("the broker exited before it accepted connections")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing accepted connections on 127.0.0.1:{port} within {STEP} s")
 
 
 def _payload(label: str) -> bytes:
@@ -438,13 +420,9 @@ class BrokerUnderTest:
         return client
 
 
-def _which(program: str) -> str | None:
-    return shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
-
-
 @contextlib.contextmanager
 def _amqtt(cluster_dir: Path, passwords: dict[str, str]) -> Iterator[BrokerUnderTest]:
-    broker = EmbeddedBroker(cluster_dir, port=_free_port())
+    broker = EmbeddedBroker(cluster_dir, port=free_port())
     broker.start()
     try:
         yield BrokerUnderTest("amqtt", broker.port, passwords, True, True, [])
@@ -454,17 +432,17 @@ def _amqtt(cluster_dir: Path, passwords: dict[str, str]) -> Iterator[BrokerUnder
 
 @contextlib.contextmanager
 def _mosquitto(cluster_dir: Path, passwords: dict[str, str], workdir: Path) -> Iterator[BrokerUnderTest]:
-    binary = _which("mosquitto")
+    binary = which("mosquitto")
     require("mosquitto", binary is not None, "install the Debian package mosquitto")
     assert binary is not None
-    conf = write_mosquitto_config(cluster_dir, workdir, port=_free_port())
+    conf = write_mosquitto_config(cluster_dir, workdir, port=free_port())
     port = int(conf.read_text().split("listener ", 1)[1].split()[0])
     log = workdir / "mosquitto.log"
     with open(log, "wb") as handle:
         process = subprocess.Popen([binary, "-c", str(conf)], stdout=handle, stderr=subprocess.STDOUT)
     try:
         try:
-            _wait_for_port(port, alive=lambda: process.poll() is None)
+            wait_for_port(port, process, timeout=STEP)
         except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"mosquitto did not start: {exc}\n{log.read_text(errors='replace')}")
         yield BrokerUnderTest("mosquitto", port, passwords, False, False, [])
@@ -699,7 +677,7 @@ def private_cluster(tmp_path: Path) -> Path:
 
 
 def test_embedded_broker_picks_up_a_member_added_while_it_runs(private_cluster: Path) -> None:
-    with EmbeddedBroker(private_cluster, port=_free_port()) as broker:
+    with EmbeddedBroker(private_cluster, port=free_port()) as broker:
         clusters.add_member(private_cluster, "s9", "sensor")
         password = broker_password(clusters.load(private_cluster).signing_key("s9"))
         client = Client(broker.port, "s9", password)
@@ -710,7 +688,7 @@ def test_embedded_broker_picks_up_a_member_added_while_it_runs(private_cluster: 
 
 
 def test_embedded_broker_tls_listener(private_cluster: Path) -> None:
-    with EmbeddedBroker(private_cluster, port=_free_port(), tls=True, tls_port=_free_port()) as broker:
+    with EmbeddedBroker(private_cluster, port=free_port(), tls=True, tls_port=free_port()) as broker:
         assert broker.tls is not None and broker.tls_port is not None
         assert oct(broker.tls.key.stat().st_mode & 0o777) == "0o600"
         password = broker_password(clusters.load(private_cluster).signing_key("n1"))
@@ -730,7 +708,7 @@ def test_embedded_broker_tls_listener(private_cluster: Path) -> None:
 
 
 def test_embedded_broker_stops_its_thread_and_frees_its_port(private_cluster: Path) -> None:
-    port = _free_port()
+    port = free_port()
     broker = EmbeddedBroker(private_cluster, port=port)
     broker.start()
     assert any(thread.name == f"tomq-broker-{port}" for thread in threading.enumerate())

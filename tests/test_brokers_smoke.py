@@ -11,8 +11,6 @@ import asyncio
 import os
 import pwd
 import queue
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -24,35 +22,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import require
+from procs import free_port, wait_for_port, which
 from tomq.cluster import mosquitto_password_hash
 
 WAIT = 5.0  # seconds: the longest any single step may take
 USER = "smoke"
-_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
-
-
-def _which(program: str) -> str | None:
-    """Find `program` on PATH or in the sbin folders, which Debian leaves off a normal user's PATH."""
-    return shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_for_port(port: int, alive: Any = lambda: True, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError("the broker exited before it accepted connections")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing accepted connections on 127.0.0.1:{port} within {timeout} s")
 
 
 class Mqtt:
@@ -125,7 +99,7 @@ class Mosquitto:
 
 @pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    binary = _which("mosquitto")
+    binary = which("mosquitto")
     require("mosquitto", binary is not None, "install the Debian package mosquitto")
     assert binary is not None
     directory = tmp_path_factory.mktemp("mosquitto")
@@ -133,7 +107,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     passwd = directory / "passwd"
     passwd.write_text(f"{USER}:{mosquitto_password_hash(password, os.urandom(12))}\n")
     passwd.chmod(0o600)
-    port = _free_port()
+    port = free_port()
     config = directory / "mosquitto.conf"
     config.write_text(
         f"listener {port} 127.0.0.1\n"
@@ -149,7 +123,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
         process = subprocess.Popen([binary, "-c", str(config)], stdout=log_handle, stderr=subprocess.STDOUT)
     try:
         try:
-            _wait_for_port(port, alive=lambda: process.poll() is None)
+            wait_for_port(port, process, timeout=WAIT)
         except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"mosquitto did not start: {exc}\n{log.read_text(errors='replace')}")
         yield Mosquitto(port, password, process)
@@ -177,7 +151,7 @@ def test_mosquitto_refuses_a_wrong_password(mosquitto: Mosquitto) -> None:
 
 
 def test_debian_mosquitto_sub_receives_from_paho(mosquitto: Mosquitto) -> None:
-    binary = _which("mosquitto_sub")
+    binary = which("mosquitto_sub")
     require("mosquitto_sub", binary is not None, "install the Debian package mosquitto-clients")
     assert binary is not None
     payload = f"reading-{os.urandom(8).hex()}"
@@ -256,7 +230,7 @@ class EmbeddedAmqtt:
             raise TimeoutError(f"amqtt did not start within {WAIT} s")
         if self._error is not None:
             raise RuntimeError(f"amqtt did not start: {self._error!r}") from self._error
-        _wait_for_port(self.port, alive=self._thread.is_alive)
+        wait_for_port(self.port, timeout=WAIT, alive=self._thread.is_alive)
 
     def stop(self) -> None:
         if not self._thread.is_alive():
@@ -271,7 +245,7 @@ class EmbeddedAmqtt:
 
 @pytest.fixture
 def amqtt_broker() -> Iterator[EmbeddedAmqtt]:
-    broker = EmbeddedAmqtt(_free_port())
+    broker = EmbeddedAmqtt(free_port())
     broker.start()
     try:
         yield broker
@@ -289,7 +263,7 @@ def test_embedded_amqtt_round_trips_with_paho(amqtt_broker: EmbeddedAmqtt) -> No
 
 def _runs(*command: str) -> subprocess.CompletedProcess[str] | None:
     """Run a component's command; None if it is not installed."""
-    binary = _which(command[0])
+    binary = which(command[0])
     if binary is None:
         return None
     return subprocess.run([binary, *command[1:]], capture_output=True, text=True, timeout=10)

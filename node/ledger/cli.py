@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tomq.errors import ConfigError, TomqError
+from tomq.errors import ConfigError
 from tomq.identity import PublicKey
 from tomq.node.ledger.verify import LedgerInvalid, verify_ledger
 
@@ -63,15 +63,10 @@ def register(subparsers: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `ledger ...` as `tomq ledger ...` would (argv without the leading "ledger")."""
-    parser = argparse.ArgumentParser(prog="tomq")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["ledger", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.run(args))
-    except TomqError as exc:
-        print(f"tomq: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    """Run `ledger ...` exactly as `tomq ledger ...` does (argv without the leading "ledger")."""
+    from tomq.cli import main as tomq_main
+
+    return tomq_main(["ledger", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
