@@ -1,0 +1,1 @@
+"""tomq.node.runtime."""
