@@ -161,6 +161,11 @@ class Simulation:
         raft = node.raft
         while raft is not None and raft.has_ready():
             ready = raft.ready()
+            if ready.send_before_persist:
+                # A leader in an unchanged term sends its appends while its own write is in progress
+                # (thesis §10.2.1): a crash below may lose entries its followers already have.
+                for message in ready.messages:
+                    self._send(message)
             if self.crash_during_persist and self.rng.random() < self.crash_during_persist:
                 # Power cut while writing: a prefix of the entries reached the disk, the rest (and the
                 # hard state written after them) did not; nothing was sent or applied.
@@ -174,8 +179,9 @@ class Simulation:
             self._persist(node, ready)
             for event in ready.events:
                 self.trace(f"{node.id} {event.phase} {event.detail} {event.request.decode(errors='replace')}")
-            for message in ready.messages:
-                self._send(message)
+            if not ready.send_before_persist:
+                for message in ready.messages:
+                    self._send(message)
             self._apply(node, ready)
             self._check_role(node)
 
@@ -183,7 +189,8 @@ class Simulation:
         if ready.snapshot is not None:
             node.disk.save_snapshot(ready.snapshot)
         node.disk.save_entries(ready.entries)
-        if ready.hard_state is not None:
+        if ready.hard_state is not None and ready.durable_hard_state:
+            # A commit-only change is written without an fsync: model the worst case, it is lost.
             node.disk.hard_state = ready.hard_state
 
     def _apply(self, node: SimNode, ready: Ready) -> None:

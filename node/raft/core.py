@@ -8,6 +8,13 @@ collected in a `Ready` (see `ready()`), which the caller handles in this order:
     2. only then send `messages` (a vote or an acknowledgement must never outrun the disk),
     3. restore the state machine from `restore` if set, then apply `committed` in order.
 
+Two refinements the caller may use, both marked on the Ready by this core (the rules live here):
+`send_before_persist` says steps 1 and 2 may overlap: a leader whose term and vote did not change
+sends its appends while it writes its own copy (Ongaro's thesis §10.2.1; the leader counts itself
+toward a commit only for what it has persisted, and the single-threaded caller handles no reply
+before step 1 returns). `durable_hard_state` is False when only the commit index moved: that index
+is volatile state in Raft (Figure 2), so it may be written without an fsync of its own.
+
 Time is ticks and randomness comes from the injected `random.Random`, so the same inputs always give
 the same outputs; that is what lets the simulator replay a failing seed exactly. This module never
 reads a clock, opens a file or touches a socket.
@@ -93,6 +100,8 @@ class Ready:
     committed: list[Entry] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
     events: list[PhaseEvent] = field(default_factory=list)
+    send_before_persist: bool = False  # see the module docstring: a leader's appends need not wait
+    durable_hard_state: bool = True  # False when only `hard_state.commit` changed: no fsync needed
 
     def __bool__(self) -> bool:
         return bool(self.hard_state or self.entries or self.snapshot or self.messages or self.committed
@@ -380,8 +389,14 @@ class RaftNode:
     def ready(self) -> Ready:
         """Everything to persist, send and apply since the last call (see the module docstring)."""
         ready = Ready()
+        before = self._saved_hard_state
         if self._hard_state_changed():
             ready.hard_state = self._saved_hard_state = HardState(self.term, self.vote, self.log.committed)
+            ready.durable_hard_state = (before.term, before.vote) != (self.term, self.vote)
+        # Only a leader in an unchanged term may send first: a vote or an acknowledgement from any
+        # other role promises that something is already on disk.
+        ready.send_before_persist = self.role is Role.LEADER and (ready.hard_state is None
+                                                                  or not ready.durable_hard_state)
         ready.snapshot, self._snapshot_to_save = self._snapshot_to_save, None
         ready.restore, self._restore = self._restore, None
         ready.entries = self.log.unstable_entries()
