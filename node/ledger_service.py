@@ -11,6 +11,8 @@ blocks. Each node then signs the block hash and gossips its signature to its pee
 batches; the leader puts a majority of signatures into a `cert` entry, so the certificate, too, is
 decided by the log and every node writes byte-identical block files: to its own store, to the shared
 ledger directory (exclusive create; different bytes there are divergence) and as retained MQTT topics.
+The audit lines (`audit/<type>`, one per record) do not wait for the certificate: the leader publishes
+them as it applies the block, i.e. as soon as a majority holds it, which is what "committed" means.
 
 Proposals arrive on `ledger/propose` as record envelopes. Only the leader batches them; the others
 ignore them (they get the same messages). A proposal lost in a leader change is not acknowledged: the
@@ -115,6 +117,7 @@ class LedgerService:
         self.refused: dict[str, int] = {}
         self.seqs: dict[str, int] = {}  # proposer id -> highest committed record seq
         self.catchup_target = -1
+        self.certify_target = -1  # applied blocks whose certificates are only in the shared directory
         self.backlog: list[Entry] = []
         self.compactable = 0  # highest Raft index up to which every block is certified
         self.recent: deque[tuple[float, bytes]] = deque()
@@ -188,13 +191,18 @@ class LedgerService:
         """
         marker = canonical.decode(data, check_canonical=False) if data else {}
         height = marker.get("height", -1) if isinstance(marker, dict) else -1
-        if height > self.verifier.height:
+        certified = marker.get("certified", -1) if isinstance(marker, dict) else -1
+        if certified > self.certified and isinstance(certified, int):
+            # Blocks we applied before a crash may have had their certificates compacted away with
+            # the log: those certificates, too, come from the shared directory.
+            self.certify_target = max(self.certify_target, min(certified, self.verifier.height))
+        if height > self.verifier.height or self.certify_target > self.certified:
             self.catchup_target = max(self.catchup_target, height)
             self._catch_up()
 
     def tick(self, node: NodeDaemon) -> None:
         self._cut_block()
-        if self.catchup_target > self.verifier.height:
+        if self.catchup_target > self.verifier.height or self.certify_target > self.certified:
             self._catch_up()
         if self.wants_leader:
             # On-demand: no leader while idle; a node that holds proposals stands for election, after a
@@ -422,7 +430,12 @@ class LedgerService:
         height = block_file.block.height
         self.verifier.checked_envelopes.difference_update(block_file.block.records)
         self.block_files[height] = block_file
-        self._write_store(height, data)
+        if self._is_leader():
+            # The records are committed (a majority of the Raft group holds them): say so now. The
+            # commit certificate follows one Raft round later, with the retained block.
+            self._publish_audit(height, block_file)
+        # Not written to the store yet: until its certificate is applied the block lives in the Raft
+        # log, which is never compacted past an uncertified block, so a restart re-applies it.
         signature = commit_signature(self.node.key, block_file.block.hash)
         self.signatures.setdefault(height, {})[self.node.key.id] = signature
         self.own_unsent.append([height, block_file.block.hash, signature])
@@ -498,7 +511,7 @@ class LedgerService:
             self._speak(height, block_file, data)  # without a shared directory the leader speaks
 
     def _speak(self, height: int, block_file: BlockFile, data: bytes) -> None:
-        """Publish a certified block: retained block and head, and one audit line per record.
+        """Publish a certified block: retained block and head (the audit lines went out at commit).
 
         One node speaks for each height (the one whose link created the shared file), so the broker
         carries each block once, not once per node.
@@ -510,8 +523,10 @@ class LedgerService:
             link.publish(topics.ledger_block(height - self.retained_window), b"", qos=1, retain=True)
         head = canonical.encode({"height": height, "hash": block_file.block.hash})
         link.publish(topics.ledger_head(), head, qos=1, retain=True)
-        for line_topic, line in audit_lines(topics, height, block_file):
-            link.publish(line_topic, line.encode(), qos=0)
+
+    def _publish_audit(self, height: int, block_file: BlockFile) -> None:
+        for line_topic, line in audit_lines(self.node.topics, height, block_file):
+            self.node.link.publish(line_topic, line.encode(), qos=0)
 
     def _catch_up(self) -> None:
         """Fetch certified blocks up to the snapshot's height from the shared directory, then drain."""
@@ -522,6 +537,9 @@ class LedgerService:
                           "the blocks from; start it with the shared ledger directory", self.catchup_target,
                           self.verifier.height)
             return
+        while self.certified < self.certify_target:
+            if not self._certify_from_shared(self.certified + 1):
+                return  # not there yet, or bad: try again next tick
         while self.verifier.height < self.catchup_target:
             height = self.verifier.height + 1
             path = self.ledger_dir / block_file_name(height)
@@ -544,6 +562,33 @@ class LedgerService:
         backlog, self.backlog = self.backlog, []
         for entry in backlog:
             self.apply(entry)
+
+
+    def _certify_from_shared(self, height: int) -> bool:
+        """Take the certificate of a block we hold uncertified from its file in the shared directory."""
+        assert self.ledger_dir is not None
+        block_file = self.block_files.get(height)
+        try:
+            data = (self.ledger_dir / block_file_name(height)).read_bytes()
+            shared = decode_block_file(data)
+        except (OSError, PeerError):
+            return False
+        if block_file is None or shared.block.hash != block_file.block.hash:
+            log.error("cannot take the certificate of height %s from %s: it holds another block", height,
+                      self.ledger_dir)
+            return False
+        nodes = self._node_ids()
+        valid = {signer for signer, signature in shared.commit_certificate.items()
+                 if signer in nodes and (c := self.node.trust.by_id(signer)) is not None
+                 and verify_commit_signature(c.subject, shared.block.hash, signature)}
+        if len(valid) < len(nodes) // 2 + 1:
+            log.error("the shared directory's certificate of height %s lacks a majority of valid signatures", height)
+            return False
+        self._write_store(height, data)
+        self.certified = height
+        del self.block_files[height]
+        self.signatures.pop(height, None)
+        return True
 
 
 def _envelope_seq(envelope: bytes) -> int:
