@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     from tomq.node import cli as node_cli
     from tomq.node import status as node_status
     from tomq.node.ledger import cli as ledger_cli
+    from tomq.node.runtime import cli as runtime_cli
 
     broker_cli.register(commands)
     node_cli.register(commands)
     node_status.register(commands)
     node_cli.register_ledger(ledger_cli.register(commands))
+    runtime_cli.register(commands)
     return parser
 
 

@@ -1,0 +1,371 @@
+"""The runtime contract (node/runtime/base.py), checked the same way on both runtimes.
+
+Each scenario runs on the process runtime and on the docker runtime against the session's private
+dockerd (tests/dockerd.py). Instances run the host's Python: a script that prints what it sees (its
+identity, environment and files) and sleeps, or one that fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dockerd import dockerd, runtime_image
+
+from procs import free_port
+from tomq.errors import UsageError
+from tomq.mqtt import wait_until
+from tomq.node.runtime.base import Instance, InstanceFailed, InstanceSpec, Runtime, RuntimeUnavailable
+from tomq.node.runtime.docker import DockerRuntime, docker_available, host_python_mounts
+from tomq.node.runtime.process import ProcessRuntime
+
+__all__ = ["dockerd", "runtime_image"]  # fixtures used by name below
+
+PYTHON = sys.executable
+CLUSTER = "rt"
+
+# Prints one JSON line describing itself, then sleeps until stopped.
+REPORT = """\
+import json, os, sys, time
+directory = os.environ["TOMQ_INSTANCE_DIR"]
+files = {name: open(os.path.join(directory, name)).read() for name in sorted(os.listdir(directory))}
+seen = {key: value for key, value in os.environ.items() if key.startswith(("TOMQ_", "GREETING"))}
+print(json.dumps({"env": seen, "files": files, "cwd": os.getcwd(), "pid": os.getpid()}), flush=True)
+time.sleep(120)
+"""
+FAIL = "import sys; print('failing', flush=True); sys.exit(1)"
+CONNECT = """\
+import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as connection:
+    connection.sendall(b"hello from " + sys.argv[2].encode())
+"""
+
+
+@dataclass
+class Runtimes:
+    """Makes runtime objects for one node; each new object is a node process that restarted."""
+
+    kind: str
+    make: Callable[[], Runtime]
+    image: str
+    node: str
+    opened: list[Runtime] = field(default_factory=list)
+
+    def new(self) -> Runtime:
+        for runtime in self.opened:  # the previous node process is gone
+            runtime.close()
+        runtime = self.make()
+        self.opened.append(runtime)
+        return runtime
+
+    def spec(self, service: str, command: tuple[str, ...], **overrides: Any) -> InstanceSpec:
+        fields: dict[str, Any] = dict(cluster=CLUSTER, service=service, replica=0, node=self.node, height=7,
+                                      image=self.image, command=command, restart="no")
+        fields.update(overrides)
+        return InstanceSpec(**fields)
+
+
+@pytest.fixture(params=["process", "docker"])
+def runtimes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtimes]:
+    node = f"n{secrets.token_hex(3)}"  # the docker engine is shared by the whole session
+    if request.param == "docker":
+        base_url: str = request.getfixturevalue("dockerd")
+        image: str = request.getfixturevalue("runtime_image")
+        made = Runtimes("docker", lambda: DockerRuntime(base_url, CLUSTER, node, state_dir=tmp_path / "files"),
+                        image, node)
+    else:
+        made = Runtimes("process", lambda: ProcessRuntime(tmp_path / "state", CLUSTER, node), "-", node)
+    yield made
+    # Whatever a test left running is stopped through the interface, and must then be gone.
+    runtime = made.new()
+    try:
+        leftovers = runtime.list()
+        pids = runtime.pids()
+        for instance in leftovers:
+            runtime.stop(instance.service, instance.replica, timeout=1)
+        assert runtime.list() == []
+        assert wait_until(lambda: not any(_alive(pid) for pid in pids), 10), f"still running: {pids}"
+    finally:
+        runtime.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def _report(runtime: Runtime, service: str, replica: int = 0) -> dict[str, Any]:
+    """The JSON line REPORT printed, once it has."""
+    lines: list[str] = []
+
+    def printed() -> bool:
+        lines[:] = [line for line in runtime.logs(service, replica).splitlines() if line.startswith("{")]
+        return bool(lines)
+
+    assert wait_until(printed, 15, 0.05), f"no report; log: {runtime.logs(service, replica)!r}"
+    assert len(lines) == 1, f"the instance ran more than once: {lines}"
+    report: dict[str, Any] = json.loads(lines[0])
+    return report
+
+
+def _poll_until(runtime: Runtime, predicate: Callable[[list[Instance]], bool], timeout: float) -> list[Instance]:
+    """Poll as the node does until the instances satisfy `predicate`; return every change polled."""
+    moved: list[Instance] = []
+
+    def done() -> bool:
+        moved.extend(runtime.poll())
+        return predicate(runtime.list())
+
+    assert wait_until(done, timeout, 0.05), f"timed out; instances: {runtime.list()}"
+    return moved
+
+
+def test_an_instance_runs_with_its_labels_environment_and_files(runtimes: Runtimes) -> None:
+    runtime = runtimes.new()
+    files = {"node.key": b"-----BEGIN PRIVATE KEY-----\nnot really\n", "node.crt": b"certificate"}
+    spec = runtimes.spec("collector", (PYTHON, "-c", REPORT), replica=2, height=41, files=files,
+                         env={"GREETING": "hello"}, restart="on-failure", cpu=0.5, memory_mb=256)
+
+    instance = runtime.start(spec)
+
+    assert instance.state == "running" and instance.pid is not None
+    assert dict(instance.labels) == {"tomq.cluster": CLUSTER, "tomq.service": "collector", "tomq.replica": "2",
+                                     "tomq.node": runtimes.node, "tomq.height": "41"}
+    assert (instance.service, instance.replica, instance.height) == ("collector", 2, 41)
+    report = _report(runtime, "collector", 2)
+    assert report["files"] == {name: data.decode() for name, data in files.items()}
+    assert report["cwd"] == report["env"]["TOMQ_INSTANCE_DIR"]
+    assert report["env"] == {"GREETING": "hello", "TOMQ_CLUSTER": CLUSTER, "TOMQ_SERVICE": "collector",
+                             "TOMQ_REPLICA": "2", "TOMQ_NODE": runtimes.node, "TOMQ_HEIGHT": "41",
+                             "TOMQ_INSTANCE_DIR": report["env"]["TOMQ_INSTANCE_DIR"]}
+    # The monitor's pids: the instance's processes, the Python that reported among them.
+    pids = runtime.pids()
+    assert instance.pid in pids and all(_alive(pid) for pid in pids)
+    if runtimes.kind == "process":
+        assert report["pid"] == instance.pid
+    else:
+        assert len(pids) >= 2  # docker-init, then the Python it runs (report["pid"] is in the container's namespace)
+    assert [i.id for i in runtime.list()] == [instance.id]
+
+
+def test_a_restarted_node_finds_its_instance_and_does_not_run_it_twice(runtimes: Runtimes) -> None:
+    spec = runtimes.spec("analyser", (PYTHON, "-c", REPORT), restart="always")
+    first = runtimes.new().start(spec)
+
+    after_restart = runtimes.new()  # a fresh object: nothing remembered but what is on disk / in the engine
+    found = after_restart.list()
+    assert [(i.id, i.state, i.pid, dict(i.labels)) for i in found] == [
+        (first.id, "running", first.pid, spec.labels())]
+
+    again = after_restart.start(spec)  # the node reconciles: same placement, same height
+    assert (again.id, again.pid) == (first.id, first.pid)
+    assert len(after_restart.list()) == 1
+    assert after_restart.poll() and after_restart.poll() == []  # first poll reports it, then nothing moves
+    _report(after_restart, "analyser")  # printed exactly once: never launched a second time
+
+
+def test_a_new_height_replaces_the_instance(runtimes: Runtimes) -> None:
+    runtime = runtimes.new()
+    old = runtime.start(runtimes.spec("analyser", (PYTHON, "-c", REPORT), height=3))
+    assert old.pid is not None
+
+    new = runtime.start(runtimes.spec("analyser", (PYTHON, "-c", REPORT), height=4))
+
+    assert new.height == 4 and new.state == "running"
+    assert [i.height for i in runtime.list()] == [4]
+    assert _report(runtime, "analyser")["env"]["TOMQ_HEIGHT"] == "4"
+    assert wait_until(lambda: not _alive(old.pid or 0), 10)
+
+
+def test_on_failure_restarts_a_failing_command_with_back_off(runtimes: Runtimes) -> None:
+    runtime = runtimes.new()
+    runtime.start(runtimes.spec("flaky", (PYTHON, "-c", FAIL), restart="on-failure"))
+
+    moved = _poll_until(runtime, lambda found: found[0].restarts >= 2, 15)
+
+    assert moved, "poll() reported no change while the instance was failing and restarting"
+    (instance,) = runtime.list()
+    assert instance.state in ("running", "restarting", "exited")
+    assert instance.restarts >= 2
+    assert runtime.logs("flaky", 0).count("failing") >= 2
+
+
+def test_no_restart_policy_leaves_a_failed_instance_exited(runtimes: Runtimes) -> None:
+    runtime = runtimes.new()
+    runtime.start(runtimes.spec("oneshot", (PYTHON, "-c", FAIL), restart="no"))
+
+    moved = _poll_until(runtime, lambda found: found[0].state == "exited", 15)
+    time.sleep(0.5)  # longer than the first back-off: a restart would have happened by now
+    runtime.poll()
+
+    (instance,) = runtime.list()
+    assert (instance.state, instance.exit_code, instance.restarts, instance.pid) == ("exited", 1, 0, None)
+    assert any(i.state == "exited" for i in moved)
+    assert runtime.pids() == []
+    assert runtime.start(runtimes.spec("oneshot", (PYTHON, "-c", FAIL), restart="no")).state == "exited"
+
+
+def test_stop_removes_the_instance_and_its_processes(runtimes: Runtimes) -> None:
+    runtime = runtimes.new()
+    instance = runtime.start(runtimes.spec("sleeper", (PYTHON, "-c", REPORT), restart="always"))
+    pid = _report(runtime, "sleeper")["pid"]  # a host pid only for the process runtime
+    pids = runtime.pids()
+    assert instance.pid in pids
+
+    begun = time.monotonic()
+    runtime.stop("sleeper", 0, timeout=5)
+
+    assert time.monotonic() - begun < 4, "SIGTERM should have been enough"
+    assert runtime.list() == [] and runtime.pids() == []
+    assert wait_until(lambda: not any(_alive(p) for p in pids), 5)
+    if runtimes.kind == "process":
+        assert not _alive(pid)
+    runtime.stop("sleeper", 0)  # absent: no error
+    with pytest.raises(InstanceFailed, match="no instance sleeper/0"):
+        runtime.logs("sleeper", 0)
+
+
+def test_an_instance_reaches_a_tcp_server_on_loopback(runtimes: Runtimes) -> None:
+    port = free_port()
+    received: list[bytes] = []
+    with socket.create_server(("127.0.0.1", port)) as server:
+        server.settimeout(15)
+
+        def accept() -> None:
+            connection, _ = server.accept()
+            with connection:
+                received.append(connection.recv(100))
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        runtime = runtimes.new()
+        runtime.start(runtimes.spec("probe", (PYTHON, "-c", CONNECT, str(port), runtimes.kind)))
+        thread.join(15)
+    assert received == [f"hello from {runtimes.kind}".encode()], runtime.logs("probe", 0)
+
+
+def test_spec_is_checked_and_labels_are_strings() -> None:
+    spec = InstanceSpec(cluster="c", service="s", replica=1, node="n", height=9, image="i", command=("x",))
+    assert spec.labels() == {"tomq.cluster": "c", "tomq.service": "s", "tomq.replica": "1",
+                             "tomq.node": "n", "tomq.height": "9"}
+    assert spec.name == "tomq-c-n-s-1"
+    for bad in ({"service": "a/b"}, {"replica": -1}, {"restart": "sometimes"}, {"command": ()},
+                {"files": {"../key": b""}}, {"env": {"TOMQ_INSTANCE_DIR": "/"}}, {"cpu": -1}):
+        fields: dict[str, Any] = dict(cluster="c", service="s", replica=1, node="n", height=9, image="i",
+                                      command=("x",))
+        fields.update(bad)
+        with pytest.raises(UsageError):
+            InstanceSpec(**fields)
+
+
+# ---------------------------------------------------------------------- process runtime only
+
+
+def test_process_runtime_takes_its_state_directory_for_itself(tmp_path: Path) -> None:
+    with ProcessRuntime(tmp_path, CLUSTER, "n1"):
+        with pytest.raises(RuntimeUnavailable, match="in use by another process runtime"):
+            ProcessRuntime(tmp_path, CLUSTER, "n1")
+    ProcessRuntime(tmp_path, CLUSTER, "n1").close()  # released on close
+
+
+def test_process_runtime_reports_a_missing_command(tmp_path: Path) -> None:
+    with ProcessRuntime(tmp_path, CLUSTER, "n1") as runtime:
+        spec = InstanceSpec(cluster=CLUSTER, service="s", replica=0, node="n1", height=1, image="-",
+                            command=("/nonexistent/tomq-service",))
+        with pytest.raises(InstanceFailed, match="cannot run tomq-rt-n1-s-0: /nonexistent/tomq-service"):
+            runtime.start(spec)
+        assert runtime.list() == []
+
+
+def test_process_runtime_never_signals_a_reused_pid(tmp_path: Path) -> None:
+    """The record names a pid that now belongs to someone else: it is not ours to stop."""
+    runtime = ProcessRuntime(tmp_path, CLUSTER, "n1")
+    spec = InstanceSpec(cluster=CLUSTER, service="s", replica=0, node="n1", height=1, image="-",
+                        command=(PYTHON, "-c", "import time; time.sleep(60)"), restart="no")
+    instance = runtime.start(spec)
+    runtime.close()
+    time.sleep(0.05)  # start times are in clock ticks (10 ms): a real reuse comes a pid-space wrap later
+    stranger = os.posix_spawn("/bin/sleep", ["sleep", "60"], {})
+    try:
+        record_path = tmp_path / spec.name / "instance.json"
+        record = json.loads(record_path.read_text())
+        record["pid"] = stranger  # as if the instance died and its pid was handed to `sleep`
+        record_path.write_text(json.dumps(record))
+
+        with ProcessRuntime(tmp_path, CLUSTER, "n1") as after:
+            (found,) = after.list()
+            assert (found.state, found.exit_code, found.pid) == ("exited", None, None)
+            after.stop("s", 0, timeout=0.2)
+        assert _alive(stranger)
+    finally:
+        os.kill(stranger, 9)
+        os.waitpid(stranger, 0)
+        if instance.pid is not None and _alive(instance.pid):
+            os.kill(instance.pid, 9)
+
+
+# ---------------------------------------------------------------------- docker runtime only
+
+
+def test_docker_runtime_without_an_engine_says_so(tmp_path: Path) -> None:
+    url = f"unix://{tmp_path}/nothing.sock"
+    assert docker_available(url) is False
+    with pytest.raises(RuntimeUnavailable, match=r"no docker engine answers at unix://.*\(No such file or directory\)"):
+        DockerRuntime(url, CLUSTER, "n1", state_dir=tmp_path / "files")
+    assert not (tmp_path / "files").exists()
+
+
+def test_docker_runtime_names_a_missing_image(dockerd: str, tmp_path: Path) -> None:
+    assert docker_available(dockerd)
+    with DockerRuntime(dockerd, CLUSTER, "n1", state_dir=tmp_path) as runtime:
+        spec = InstanceSpec(cluster=CLUSTER, service="s", replica=0, node="n1", height=1,
+                            image="tomq/absent:1", command=(PYTHON,))
+        with pytest.raises(InstanceFailed, match=r"tomq/absent:1.*tomq image build") as failure:
+            runtime.start(spec)
+        assert "\n" not in str(failure.value)
+        assert runtime.list() == []
+
+
+def test_host_python_mounts_cover_the_interpreter_venv_and_sources() -> None:
+    import tomq
+
+    mounts = host_python_mounts()
+
+    def covered(path: str) -> bool:
+        return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+    for path in (sys.prefix, sys.base_prefix, os.path.realpath(sys.executable), tomq.__file__, "/usr/lib"):
+        assert covered(os.path.realpath(path)), path
+    assert not any(a != b and b.startswith(a + "/") for a in mounts for b in mounts), "nested mounts"
+
+
+def test_process_runtime_adopts_what_a_node_launched_but_never_recorded(tmp_path: Path) -> None:
+    """The node died between launching and writing the pid: the record still says "created"."""
+    runtime = ProcessRuntime(tmp_path, CLUSTER, "n1")
+    spec = InstanceSpec(cluster=CLUSTER, service="s", replica=0, node="n1", height=1, image="-",
+                        command=(PYTHON, "-c", "import time; time.sleep(60)"), restart="on-failure")
+    instance = runtime.start(spec)
+    runtime.close()
+    record_path = tmp_path / spec.name / "instance.json"
+    record = json.loads(record_path.read_text())
+    record.update(state="created", pid=None, pid_start=None)
+    record_path.write_text(json.dumps(record))
+
+    with ProcessRuntime(tmp_path, CLUSTER, "n1") as after:
+        assert [(i.state, i.pid) for i in after.list()] == [("running", instance.pid)]
+        assert after.start(spec).pid == instance.pid  # adopted, not launched again
+        after.stop("s", 0, timeout=1)
+        assert instance.pid is not None and not _alive(instance.pid)
