@@ -79,7 +79,7 @@ RULES: dict[str, Rule] = {
         relay=("orch/request",),
     ),
     "service": Rule(
-        publish=("svc/+/out", "ledger/propose"),
+        publish=("svc/{name}/out", "ledger/propose"),  # a service's output proves who wrote it
         subscribe=("dev/+/data", "svc/+/in", "svc/+/out"),
     ),
     "auditor": Rule(

@@ -74,6 +74,7 @@ def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     clusters.add_member(directory, "s1", "sensor")
     clusters.add_member(directory, "s2", "sensor")
     clusters.add_member(directory, "tl1", "actuator")
+    clusters.add_member(directory, "web", "service")
     return directory
 
 
@@ -117,6 +118,11 @@ def policy(cluster_dir: Path) -> Policy:
         ("n1", "audit/PROV-DATA", True),
         ("n1", "svc/web/in", True),
         ("n1", "svc/web/out", False),
+        ("web", "svc/web/out", True),
+        ("web", "svc/other/out", False),  # an output topic proves which service wrote it
+        ("web", "ledger/propose", True),
+        ("web", "ledger/block/5", False),
+        ("web", "dev/s1/data", False),
     ],
 )
 def test_policy_publish(policy: Policy, who: str, topic: str, allowed: bool) -> None:

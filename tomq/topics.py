@@ -168,7 +168,7 @@ def default_publish_rights(role: str, name: str) -> tuple[str, ...]:
             "svc/+/in",
         )
     if role == "service":
-        return ("svc/+/out", "ledger/propose")
+        return (f"svc/{name}/out", "ledger/propose")
     if role == "auditor":
         return ()
     raise InvalidTopic(f"role {role!r} is not one of {', '.join(ROLES)}")
