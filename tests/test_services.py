@@ -1,7 +1,7 @@
 """The built-in service programs (node/services) against real parts: mosquitto, three `tomq node`
 processes keeping the ledger, the collector and the analyser as subprocesses, sensors publishing
 signed readings. The test plays the node that starts a service instance: it joins the identities
-through the ledger and writes the instance directory exactly as the contract in base.py says.
+through the ledger and writes the instance directory exactly as the contract in context.py says.
 
 What must hold (issue: service programs):
 - every good reading becomes exactly one PROV-DATA record and appears on svc/<collector>/out;
@@ -41,7 +41,10 @@ from tomq.errors import BadSignature, MalformedEnvelope, ReplayedEnvelope, Unkno
 from tomq.identity import SigningKey
 from tomq.node.ledger.block import decode_block_file
 from tomq.node.services.analyser import Sample, statistics, summarise
-from tomq.node.services.base import DeviceRegistry, LedgerProposer, block_records, placement_verdict
+from tomq.node.services.committed import block_records
+from tomq.node.services.devices import DeviceRegistry
+from tomq.node.services.fencing import placement_verdict
+from tomq.node.services.proposer import LedgerProposer
 from tomq.node.services.readings import (
     MalformedReading,
     WrongDevice,

@@ -1,6 +1,6 @@
 """The analyser: other services' joint data in, windowed results out, each result a PROV-DATA record.
 
-    python -m tomq.node.services.analyser         (started by a node; see base.py for the contract)
+    python -m tomq.node.services.analyser         (started by a node; see context.py for the contract)
 
 Inputs: `svc/<s>/out` for each spec `inputs.services` (and any `inputs.topics` filter below the
 cluster root), in the collector's output form: JSON with at least "data" (the datum's ledger id),
@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tomq.errors import InvalidTopic
-from tomq.node.services.base import Inbound, ServiceProgram, ServiceRunner, run_program
+from tomq.node.services.link import Inbound
+from tomq.node.services.runner import ServiceProgram, ServiceRunner, run_program
 from tomq.records import DATA, Provenance, Record
 from tomq.topics import parse
 

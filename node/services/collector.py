@@ -1,6 +1,6 @@
 """The collector: signed sensor readings in, one PROV-DATA record per reading on the ledger, joint data out.
 
-    python -m tomq.node.services.collector        (started by a node; see base.py for the contract)
+    python -m tomq.node.services.collector        (started by a node; see context.py for the contract)
 
 Inputs: `dev/<d>/data` for each spec `inputs.devices`, plus each `inputs.topics` filter below the
 cluster root (e.g. "dev/+/data"); with neither, every device's data. For each message:
@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from tomq.errors import EnvelopeRejected, InvalidTopic
-from tomq.node.services.base import Inbound, ServiceProgram, ServiceRunner, run_program, to_json_value
+from tomq.node.services.link import Inbound
 from tomq.node.services.readings import READING_TYPES, Reading, open_reading, reading_data_id
+from tomq.node.services.runner import ServiceProgram, ServiceRunner, run_program
 from tomq.records import DATA, Provenance, Record
 from tomq.topics import parse
 from tomq.wire import EnvelopeOpener
@@ -192,6 +195,19 @@ class Collector:
             self._last_report = time.monotonic()
             log.info("readings recorded %(recorded)s, refused %(refused)s, duplicates %(duplicates)s, "
                      "given up %(gave_up)s", self.stats)
+
+
+def to_json_value(value: Any) -> Any:
+    """A CBOR value as JSON: bytes as hex, map keys as text, non-finite floats as null."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): to_json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _program(runner: ServiceRunner) -> ServiceProgram:
