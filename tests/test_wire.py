@@ -208,6 +208,10 @@ def test_sequence_counter_never_repeats_across_restarts(tmp_path):
     # A crash loses the unused rest of the reserved block, never hands out a number twice.
     second = SequenceCounter(path, block=10)
     assert second.next() > max(used)
+    # Processes that each take one number (the operator's `tomq deploy`, one run after another):
+    # every one of them must reserve before using, or the next would hand out the same number.
+    singles = [SequenceCounter(path, block=10).next() for _ in range(3)]
+    assert singles == sorted(set(singles)) and singles[0] > max(used)
     path.write_text("garbage")
     with pytest.raises(ConfigError, match="damaged"):
         SequenceCounter(path)

@@ -31,7 +31,7 @@ from tomq.errors import (
     UnknownSender,
     UnsupportedVersion,
 )
-from tomq.identity import SIGNATURE_BYTES, SigningKey, signing_input
+from tomq.identity import SIGNATURE_BYTES, PublicKey, SigningKey, signing_input
 
 ENVELOPE_VERSION = 1
 _DOMAIN = b"tomq/envelope/v1\x00"
@@ -176,7 +176,9 @@ class SequenceCounter:
             text = self.path.read_text().strip()
             if not text.isdigit():
                 raise ConfigError(f"sequence file {self.path} is damaged ({text[:20]!r}); delete it only if no receiver has seen this sender")
-            self._next = self._reserved = int(text) + 1
+            # Everything up to the number on disk may have been used; nothing after it is reserved yet.
+            self._reserved = int(text)
+            self._next = self._reserved + 1
 
     def next(self) -> int:
         if self._next > self._reserved:
@@ -252,6 +254,36 @@ class EnvelopeOpener:
             )
         self.watermarks.advance(sender, fields["seq"])
         return Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature, data)
+
+
+def open_signed_by(data: bytes, key: PublicKey, *, name: str, accepted_types: frozenset[str],
+                   watermarks: SequenceWatermarks, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """Open an envelope that only one key may sign: the operator's requests, which no certificate covers.
+
+    The same checks as `EnvelopeOpener.open` except that the signer is fixed and has no validity window.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MalformedEnvelope(f"envelope must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise BodyTooLarge(f"envelope of {len(data)} bytes exceeds the limit of {max_bytes}")
+    signed, signature = _split(data)
+    fields = _fields(signed)
+    sender = fields["from"]
+    if fields["v"] != ENVELOPE_VERSION:
+        raise UnsupportedVersion(f"envelope version {fields['v']} is not {ENVELOPE_VERSION}", sender)
+    if fields["type"] not in accepted_types:
+        raise UnknownEnvelopeType(f"envelope type {fields['type'][:40]!r} is not accepted here", sender)
+    if sender != key.id:
+        raise UnknownSender(f"envelope signed by {sender}; only {name} ({key.id}) may send it", sender)
+    if len(signature) != SIGNATURE_BYTES or not key.verify(signature, signing_input(_DOMAIN, signed)):
+        raise BadSignature(f"signature of envelope {fields['seq']} from {name} does not verify", sender)
+    high_water = watermarks.get(sender)
+    if fields["seq"] <= high_water:
+        raise ReplayedEnvelope(f"envelope {fields['seq']} from {name} is not above its high-water mark {high_water}",
+                               sender)
+    watermarks.advance(sender, fields["seq"])
+    return Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature, data)
 
 
 def _split(data: bytes) -> tuple[bytes, bytes]:
