@@ -33,6 +33,15 @@ def register(commands: Any) -> None:
     node.add_argument("--max-batch", type=int, default=1000, help="records per block at most")
     node.add_argument("--retained-blocks", type=int, default=100, help="blocks kept retained on ledger/block/<h>")
     node.add_argument("--snapshot-every", type=int, default=2000, help="Raft entries applied between log compactions")
+    node.add_argument("--runtime", choices=("auto", "docker", "process"), default="auto",
+                      help="how service instances run (auto: docker if an engine answers, else process)")
+    node.add_argument("--docker-host", help="docker engine URL (default: DOCKER_HOST or the local socket)")
+    node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                      help="a node label that placement constraints can ask for (repeatable)")
+    node.add_argument("--dead-after", type=float, default=2.5,
+                      help="seconds without load reports and Raft contact before a node's replicas move")
+    node.add_argument("--load-pids-file", type=Path,
+                      help="processes listed here (one pid per line) count as this node's load (tests)")
     node.add_argument("--log-level", default="INFO")
     node.set_defaults(run=_run_node)
 
@@ -80,23 +89,60 @@ def _run_genesis(args: argparse.Namespace) -> int:
 
 
 def _run_node(args: argparse.Namespace) -> int:
+    from tomq.node.applier import NodeApplier
     from tomq.node.daemon import NodeDaemon, NodeOptions
     from tomq.node.ledger_service import LedgerService
+    from tomq.node.orchestrator.service import Orchestrator
 
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s {args.id} %(levelname)s %(name)s: %(message)s")
     options = NodeOptions(mode=args.mode, tick_seconds=args.tick_ms / 1000, data_dir=args.data_dir,
                           host=args.host, port=args.port, metrics_port=args.metrics_port,
                           snapshot_every=args.snapshot_every)
-    node = NodeDaemon(args.dir, args.id,
-                      lambda n: LedgerService(n, ledger_dir=args.ledger_dir, max_batch=args.max_batch,
-                                              retained_window=args.retained_blocks),
-                      options)
+    labels = _labels(args.label)
+
+    def services(n: NodeDaemon) -> NodeApplier:
+        orchestrator = Orchestrator(n, _runtime(args, n), labels=labels, dead_after=args.dead_after,
+                                    load_pids_file=args.load_pids_file)
+        ledger = LedgerService(n, ledger_dir=args.ledger_dir, max_batch=args.max_batch,
+                               retained_window=args.retained_blocks, listeners=[orchestrator.on_records])
+        orchestrator.attach(ledger)
+        return NodeApplier(ledger, orchestrator)
+
+    node = NodeDaemon(args.dir, args.id, services, options)
     options.extra_subscriptions.append(node.topics.ledger_propose())
+    options.extra_subscriptions.append(node.topics.orch_request())
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: node.stop())
     node.run()
     return 0
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--label {item!r} must be KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _runtime(args: argparse.Namespace, node: Any) -> Any:
+    """The runtime for this node's instances: docker when asked (or when one answers), else processes."""
+    from tomq.node.runtime.docker import DockerRuntime, docker_available
+    from tomq.node.runtime.image import build_image
+    from tomq.node.runtime.process import ProcessRuntime
+
+    log = logging.getLogger("tomq.node")
+    if args.runtime == "docker" or (args.runtime == "auto" and docker_available(args.docker_host)):
+        runtime = DockerRuntime(args.docker_host, node.cluster.name, node.name, state_dir=node.data_dir / "instances")
+        build = build_image(args.docker_host)  # local, no registry; a no-op when it is current
+        log.info("runtime docker (%s); image %s %s", args.docker_host or "default engine", build.tag,
+                 "built" if build.built else "up to date")
+        return runtime
+    log.info("runtime process%s", " (no docker engine answers)" if args.runtime == "auto" else "")
+    return ProcessRuntime(node.data_dir / "runtime", node.cluster.name, node.name)
 
 
 def _link(directory: str, as_name: str | None, on_message: Any = None) -> tuple[cluster.Cluster, str, MqttLink]:

@@ -95,6 +95,7 @@ class NodeDaemon:
                             election_ticks=self.options.election_ticks)
         self.raft = RaftNode(config, random.Random(int.from_bytes(os.urandom(8), "big")),
                              hard_state=loaded.hard_state, snapshot=loaded.snapshot, entries=loaded.entries)
+        self.last_persist_seconds = 0.0  # the latest fsync's duration (placement timings report it)
         # The highest log index known to be on disk: what a leader may apply before its next fsync.
         self._durable_index = (loaded.entries[-1].index if loaded.entries
                                else loaded.snapshot.meta.index if loaded.snapshot else 0)
@@ -264,8 +265,10 @@ class NodeDaemon:
             self.storage.set_hard_state(ready.hard_state)
             wrote = wrote or ready.durable_hard_state  # a new commit index alone needs no fsync
         if wrote:
+            started = time.monotonic()
             self.storage.sync()  # the ordering rule: nothing below leaves before this returns
             self.watermarks.flush()
+            self.last_persist_seconds = time.monotonic() - started
 
     def _maybe_compact(self) -> None:
         log_ = self.raft.log
@@ -308,8 +311,13 @@ class NodeDaemon:
 
     def _report_load(self) -> None:
         """Publish our load and Raft view (retained): peers use the load, `tomq status` shows the rest."""
-        self.raft.set_load(load_average())
-        report = {"load": self.raft.load, "status": self.last_status, "time_ms": int(time.time() * 1000)}
+        extra = getattr(self.applier, "load_report", None)
+        details: dict[str, Any] = extra() if extra is not None else {}
+        score = getattr(self.applier, "load_score", None)
+        # The load that votes and heartbeats carry (on-demand mode chooses by it): the orchestrator's
+        # monitor of this node's own processes and instances when there is one, else the machine's.
+        self.raft.set_load(score() if score is not None else load_average())
+        report = {**details, "load": self.raft.load, "status": self.last_status, "time_ms": int(time.time() * 1000)}
         self.link.publish(self.topics.node_load(self.name), self.sealed("load", report), retain=True)
 
     def _on_load_report(self, topic: str, payload: bytes) -> None:

@@ -27,6 +27,7 @@ import logging
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ from tomq.node.ledger.block import (
 )
 from tomq.node.ledger.shared_dir import LedgerDivergence, SharedLedgerError, put_block_file
 from tomq.node.ledger.verify import ChainVerifier, LedgerInvalid
+from tomq.node.orchestrator.state import AppliedRecord
 from tomq.node.raft.core import Role
 from tomq.node.raft.types import Entry
 from tomq.wire import EnvelopeOpener
@@ -80,8 +82,13 @@ class _Pending:
 
 class LedgerService:
     def __init__(self, node: NodeDaemon, *, ledger_dir: Path | None = None, max_batch: int = 1000,
-                 retained_window: int = 100) -> None:
+                 retained_window: int = 100,
+                 listeners: Sequence[Callable[[list[AppliedRecord]], None]] = ()) -> None:
         self.node = node
+        # Called with every block's records, in ledger order, on every node (the orchestrator's state
+        # is folded from them), from the store at startup as well as when a block commits.
+        self.listeners = list(listeners)
+        self.apply_started = 0.0
         self.ledger_dir = ledger_dir
         self.max_batch = max_batch
         self.retained_window = retained_window
@@ -142,6 +149,7 @@ class LedgerService:
             block_file = decode_block_file(data)
             if block_file.commit_certificate or height == 0:
                 self.verifier.add(height, data)
+                self._notify(height, block_file)
                 self.certified = height
             else:
                 self._check_and_account(height, data)
@@ -309,6 +317,17 @@ class LedgerService:
             for payload in sorted(candidates, key=_envelope_seq):
                 self._on_proposal(payload)
 
+    def submit(self, payload: bytes) -> None:
+        """A record envelope this node sealed itself: batched here if we lead, else sent to the leader."""
+        if self._is_leader():
+            self._on_proposal(payload)
+        else:
+            self.node.link.publish(self.node.topics.ledger_propose(), payload, qos=1)
+
+    def is_ready_leader(self) -> bool:
+        """Leading, and every earlier term's block applied: what we plan from is the ledger's state."""
+        return self._is_leader() and self.tentative_state is not None
+
     def _refuse(self, reason: str, detail: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         if self.node.metrics is not None:
@@ -403,7 +422,28 @@ class LedgerService:
     def _check_and_account(self, height: int, data: bytes) -> BlockFile:
         block_file = self.verifier.add(height, data, require_certificate=False)
         self._account_seqs(block_file)
+        self._notify(height, block_file)
         return block_file
+
+    def _notify(self, height: int, block_file: BlockFile) -> None:
+        """Tell the listeners what a block holds; learn the certificates its join records carry."""
+        applied = []
+        for envelope in block_file.block.records:
+            fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
+            signer = self.verifier.trust.by_id(fields["from"])
+            record = records.from_map(fields["body"])  # the verifier accepted it, so it parses
+            applied.append(AppliedRecord(height, record, signer.name if signer is not None else "?"))
+            structure = record.structure
+            if (record.state == records.ID_CREATE and isinstance(structure, records.Identity)
+                    and structure.kind != "container" and self.node.trust.by_name(structure.object) is None):
+                # A member enrolled after this node started (a device, a deployed service): from now
+                # on its envelopes are accepted here too, e.g. its ledger proposals.
+                try:
+                    self.node.trust.add(structure.proof)
+                except TomqError as exc:
+                    log.warning("height %s: cannot take the certificate of %s: %s", height, structure.object, exc)
+        for listener in self.listeners:
+            listener(applied)
 
     def _account_seqs(self, block_file: BlockFile) -> None:
         for envelope in block_file.block.records:
@@ -411,6 +451,7 @@ class LedgerService:
             self.seqs[fields["from"]] = max(self.seqs.get(fields["from"], 0), fields["seq"])
 
     def _apply_block(self, entry: Entry, data: bytes) -> None:
+        self.apply_started = time.monotonic()  # listeners time how long checking a block takes
         try:
             header_height = decode_block_file(data).block.height
         except PeerError as exc:
@@ -548,12 +589,13 @@ class LedgerService:
             except OSError:
                 return  # not certified (or not written) yet: try again next tick
             try:
-                self.verifier.add(height, data)
+                block_file = self.verifier.add(height, data)
             except LedgerInvalid as exc:
                 self.verifier = self.verifier.reset_failure()
                 log.error("cannot catch up from the shared directory: %s", exc)
                 return
-            self._account_seqs(decode_block_file(data))
+            self._account_seqs(block_file)
+            self._notify(height, block_file)
             self._write_store(height, data)
             self.certified = height
             self.shared_next = max(self.shared_next, height + 1)

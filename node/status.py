@@ -55,13 +55,19 @@ def collect(cluster_dir: str, as_name: str | None = None, wait: float = 1.5) -> 
             continue
         status = report.get("status", {})
         rows[node] = {"reported": True, "last_contact_s": round((now_ms - report.get("time_ms", 0)) / 1000, 1),
-                      "load": report.get("load"), **status}
+                      "load": report.get("load"), **status,
+                      **{key: report[key] for key in ("cpu", "memory", "labels", "runtime", "instances")
+                         if key in report}}
     live = [r for r in rows.values() if r.get("reported") and r.get("last_contact_s", 99) < 10]
     leaders = {str(r["leader"]) for r in live if r.get("leader")}
     terms = [r.get("term", 0) for r in live]
+    # Placements as the most advanced node knows them (every node folds the same committed records).
+    newest = max(live, key=lambda r: r.get("height", -1), default={})
+    orchestration = newest.get("orchestration", {}) if isinstance(newest, dict) else {}
     return {"cluster": loaded.name, "leader": sorted(leaders)[0] if len(leaders) == 1 else None,
             "term": max(terms) if terms else None, "height": max((r.get("height", -1) for r in live), default=-1),
-            "nodes": rows}
+            "nodes": rows, "services": orchestration.get("services", {}),
+            "placements": orchestration.get("placements", [])}
 
 
 def print_status(view: dict[str, Any]) -> None:
@@ -73,7 +79,12 @@ def print_status(view: dict[str, Any]) -> None:
             continue
         print(f"  {node:<10} {row.get('role', '?'):<13} term {row.get('term')} commit {row.get('commit')} "
               f"applied {row.get('applied')} load {row.get('load', 0):.2f} last contact {row.get('last_contact_s')} s"
-              + (f" commit p50 {row['commit_p50_ms']} ms" if row.get("commit_p50_ms") is not None else ""))
+              + (f" commit p50 {row['commit_p50_ms']} ms" if row.get("commit_p50_ms") is not None else "")
+              + (f" cpu {row['cpu']:.2f} mem {row['memory']:.2f}" if isinstance(row.get("cpu"), float) else "")
+              + (f" runtime {row['runtime']}" if row.get("runtime") else ""))
+    for placement in view.get("placements", []):
+        print(f"  {placement['service']}:{placement['replica']:<4} on {placement['node']} "
+              f"(decided at height {placement['height']})")
 
 
 def register(commands: Any) -> None:

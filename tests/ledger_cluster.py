@@ -17,11 +17,11 @@ TOMQ = [PYTHON, "-m", "tomq"]
 
 class LedgerCluster:
     def __init__(self, tmp_path: Path, nodes: int = 3, broker: str = "mosquitto", ledger_dir: Path | None = None,
-                 mode: str = "stable", extra_args: tuple[str, ...] = ()) -> None:
+                 mode: str = "stable", extra_args: tuple[str, ...] = (), cluster_name: str | None = None) -> None:
         self.extra_args = extra_args
         self.directory = tmp_path / "cluster"
         self.names = [f"n{i}" for i in range(1, nodes + 1)]
-        cluster.init(self.directory, self.names)
+        cluster.init(self.directory, self.names, cluster_name=cluster_name)
         cluster.add_member(self.directory, "s1", "sensor")
         write_genesis(self.directory)
         self.cluster = cluster.load(self.directory)

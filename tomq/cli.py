@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tomq.node import cli as node_cli
     from tomq.node import status as node_status
     from tomq.node.ledger import cli as ledger_cli
+    from tomq.node.orchestrator import cli as orchestrator_cli
     from tomq.node.runtime import cli as runtime_cli
 
     broker_cli.register(commands)
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_status.register(commands)
     node_cli.register_ledger(ledger_cli.register(commands))
     runtime_cli.register(commands)
+    orchestrator_cli.register(commands)
     return parser
 
 

@@ -1,0 +1,68 @@
+"""What a node runs behind its Raft log: the ledger, and the orchestrator that acts on what it commits.
+
+The daemon drives one `Applier`; this is it. The ledger owns the log's entries (blocks and their
+certificates) and its snapshots; the orchestrator only listens to the records the ledger applies
+and to operator requests, so it holds no Raft state of its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tomq.node.ledger_service import LedgerService
+from tomq.node.orchestrator.service import Orchestrator
+from tomq.node.raft.types import Entry
+
+if TYPE_CHECKING:
+    from tomq.node.daemon import NodeDaemon
+
+
+class NodeApplier:
+    def __init__(self, ledger: LedgerService, orchestrator: Orchestrator) -> None:
+        self.ledger = ledger
+        self.orchestrator = orchestrator
+        self.request_topic = ledger.node.topics.orch_request()
+
+    def apply(self, entry: Entry) -> None:
+        self.ledger.apply(entry)
+
+    def snapshot(self) -> bytes:
+        return self.ledger.snapshot()
+
+    def compactable_index(self) -> int:
+        return self.ledger.compactable_index()
+
+    def restore(self, data: bytes) -> None:
+        self.ledger.restore(data)
+
+    def tick(self, node: NodeDaemon) -> None:
+        self.ledger.tick(node)
+        self.orchestrator.tick()
+
+    def after_input(self, node: NodeDaemon) -> None:
+        self.ledger.after_input(node)
+        self.orchestrator.after_input()
+
+    def extras_for_peers(self) -> dict[str, Any]:
+        return self.ledger.extras_for_peers()
+
+    def on_extras(self, sender: str, extras: dict[str, Any]) -> None:
+        self.ledger.on_extras(sender, extras)
+
+    def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self.request_topic:
+            self.orchestrator.on_request(payload)
+        else:
+            self.ledger.on_message(topic, payload, retained)
+
+    def status(self) -> dict[str, Any]:
+        return {**self.ledger.status(), "orchestration": self.orchestrator.status()}
+
+    def load_report(self) -> dict[str, Any]:
+        return self.orchestrator.load_report()
+
+    def load_score(self) -> float:
+        return self.orchestrator.load_score()
+
+    def close(self) -> None:
+        self.orchestrator.close()

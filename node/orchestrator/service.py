@@ -1,0 +1,533 @@
+"""The orchestrator on a node: operator requests in, PROV-ORCH records out, instances started and stopped.
+
+Three duties, all driven by the node loop (never by a thread of their own):
+
+1. Every node receives operator requests on `orch/request`, checks them against the operator key and
+   keeps them until the ledger shows their effect. In on-demand mode a request makes the node stand
+   for election, as the consensus paper has it.
+2. The leader turns requests into records: a deployment is the service's PROV-ID-create carrying the
+   operator's signed request (so the spec is on the ledger), a removal its PROV-ID-delete. Then it
+   plans (node/orchestrator/placement.py, a pure function of the committed state and the nodes' load
+   reports) and proposes one PROV-ORCH record per action, with the loads it saw as the reason. It plans
+   again only once those records are committed (or have failed), never twice for one replica. A node
+   whose load reports and Raft contact have both stopped for `dead_after` seconds is not alive: its
+   replicas are placed again, and its containers are recorded as gone.
+3. Every node carries out what is committed for it: the worker thread (instances.py) starts the
+   replicas the ledger assigns to this node and stops the rest; each started instance is recorded as
+   a container (PROV-ID-create, attributed to this node), each stopped one as PROV-ID-delete.
+
+The rule that orders these: nothing starts before its PROV-ORCH record is committed, and the
+retained `orch/placement/<service>` (published by the leader) only ever shows committed placements.
+Running service instances watch it and exit when it no longer names them (fencing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tomq import canonical
+from tomq.errors import EnvelopeRejected, ReplayedEnvelope
+from tomq.node.monitor import ResourceMonitor
+from tomq.node.orchestrator.instances import Desired, InstanceWorker
+from tomq.node.orchestrator.placement import (
+    NodeView,
+    NoEligibleNode,
+    Place,
+    place_replica,
+    plan,
+    replica_entity,
+)
+from tomq.node.orchestrator.requests import OrchRequest, open_request
+from tomq.node.orchestrator.spec import ServiceSpec
+from tomq.node.orchestrator.state import AppliedRecord, OrchestrationState, container_name
+from tomq.node.orchestrator.timings import PlacementTiming
+from tomq.node.raft.core import Role
+from tomq.node.runtime.base import Instance, InstanceSpec, Runtime
+from tomq.records import ID_CREATE, ID_DELETE, ORCH, Identity, Orchestrate, Record
+from tomq.wire import FileWatermarks, seal
+
+if TYPE_CHECKING:
+    from tomq.node.daemon import NodeDaemon
+    from tomq.node.ledger_service import LedgerService
+
+log = logging.getLogger("tomq.orchestrator")
+
+RETRY_SECONDS = 3.0  # a proposed record not committed by then is proposed again (or planned again)
+REQUEST_KEEP_SECONDS = 600.0  # how long a node remembers a request whose effect it has not seen
+
+
+@dataclass
+class _Pending:
+    request: OrchRequest
+    received: float  # wall clock
+    baseline: int  # the ledger height when it arrived: a move is done once a later placement exists
+    proposed: float = 0.0  # when this node (as leader) last proposed the record that carries it out
+
+
+@dataclass
+class _Outstanding:
+    """Records this node proposed and has not yet seen committed."""
+
+    by_id: dict[str, tuple[float, Record]] = field(default_factory=dict)  # record id -> (proposed at, record)
+
+    def add(self, record: Record, now: float) -> None:
+        self.by_id[record.record_id] = (now, record)
+
+    def has(self, record_id: str) -> bool:
+        return record_id in self.by_id
+
+    def settle(self, record_id: str) -> None:
+        self.by_id.pop(record_id, None)
+
+    def expired(self, now: float) -> list[Record]:
+        late = [r for t, r in self.by_id.values() if now - t > RETRY_SECONDS]
+        for record in late:
+            del self.by_id[record.record_id]
+        return late
+
+
+class Orchestrator:
+    def __init__(self, node: NodeDaemon, runtime: Runtime | None, *, labels: dict[str, str] | None = None,
+                 dead_after: float = 2.5, load_pids_file: Path | None = None) -> None:
+        self.node = node
+        self.ledger: LedgerService | None = None  # set by attach(); the ledger is built after us
+        self.runtime = runtime
+        self.labels = dict(labels or {})
+        self.dead_after = dead_after
+        self.state = OrchestrationState()
+        self.requests: dict[bytes, _Pending] = {}
+        self.request_watermarks = FileWatermarks(node.data_dir / "watermarks-operator")
+        self.outstanding = _Outstanding()  # our own proposed records
+        self.plan_in_flight: set[str] = set()  # record ids of the leader's last planning round
+        self.plan_started = 0.0
+        self.unplaceable: list[str] = []
+        self.instance_pids: list[int] = []  # from the worker: only its thread may call the runtime
+        self.monitor = ResourceMonitor(os.getpid(), lambda: self.instance_pids, load_pids_file=load_pids_file)
+        self.sample = self.monitor.sample(time.monotonic())
+        self.last_contact: dict[str, float] = {}  # node -> wall clock of the last sign of life
+        self.instances: list[Instance] = []
+        self.instance_problems: list[str] = []
+        self.worker = InstanceWorker(runtime, self._on_worker_report) if runtime is not None else None
+        self.timings: deque[PlacementTiming] = deque(maxlen=200)
+        self.open_timings: dict[str, PlacementTiming] = {}  # PROV-ORCH record id -> its timing
+        self.published: dict[str, str] = {}  # service -> placement document last published retained
+        self.was_leader = False
+        self.dirty = True  # the state changed since the last reconcile
+        self._record_seq = 0
+        self.caught_up = False
+        self.catch_up_to: int | None = None
+        self.last_reconcile = 0.0
+
+    # ------------------------------------------------------------------ wiring
+
+    def attach(self, ledger: LedgerService) -> None:
+        self.ledger = ledger
+        if self.worker is not None:
+            self.worker.start()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        self.request_watermarks.close()
+
+    def on_records(self, applied: list[AppliedRecord]) -> None:
+        """Listener of the ledger: fold committed records into the state (every node, in order)."""
+        now = time.time()
+        for item in applied:
+            self.state.apply(item)
+            record_id = item.record.record_id
+            self.outstanding.settle(record_id)
+            self.plan_in_flight.discard(record_id)
+            timing = self.open_timings.pop(record_id, None)
+            if timing is not None:
+                timing.committed = now
+                if self.ledger is not None and self.ledger.apply_started:
+                    timing.apply_s = max(0.0, time.monotonic() - self.ledger.apply_started)
+                self.timings.append(timing)
+        if applied:
+            self.dirty = True
+
+    # ------------------------------------------------------------------ inputs
+
+    def on_request(self, payload: bytes) -> None:
+        try:
+            request = open_request(payload, self.node.cluster.operator, self.node.cluster.name,
+                                   self.request_watermarks)
+        except ReplayedEnvelope:
+            return  # the same request seen again (a retained copy, a broker redelivery)
+        except EnvelopeRejected as exc:
+            log.warning("refused operator request: %s", exc)
+            return
+        self.requests[request.digest] = _Pending(request, time.time(), self.state.height)
+        log.info("operator request: %s %s", request.op, request.service)
+        ledger = self.ledger
+        if (ledger is not None and self.node.options.mode == "on-demand" and self.node.raft.leader is None
+                and self.node.raft.role is not Role.LEADER):
+            ledger.wants_leader = True  # the paper: the node that receives a request stands for election
+
+    def _on_worker_report(self, instances: list[Instance], problems: list[str], pids: list[int]) -> None:
+        def handle() -> None:
+            self.instances = instances
+            self.instance_problems = problems
+            self.instance_pids = pids
+            self._record_containers()
+
+        self.node.call(handle)
+
+    # ------------------------------------------------------------------ the loop's hooks
+
+    def tick(self) -> None:
+        now = time.time()
+        self.sample = self.monitor.sample(time.monotonic())
+        self._note_contacts(now)
+        self._forget_done_requests(now)
+        for record in self.outstanding.expired(now):
+            if self._still_wanted(record):
+                self._propose(record)
+        self.after_input()
+        if now - self.last_reconcile > 1.0:
+            self.dirty = True
+
+    def after_input(self) -> None:
+        ledger = self.ledger
+        if ledger is None:
+            return
+        leader = ledger.is_ready_leader()
+        if leader and not self.was_leader:
+            self.published.clear()  # a new leader republishes every placement
+            self.plan_in_flight.clear()
+        self.was_leader = leader
+        if leader:
+            self._lead(time.time())
+        if self.dirty:
+            self.dirty = False
+            self.last_reconcile = time.time()
+            self._reconcile_instances()
+            if leader:
+                self._publish_placements()
+
+    # ------------------------------------------------------------------ leader
+
+    def _lead(self, now: float) -> None:
+        for pending in sorted(self.requests.values(), key=lambda p: p.request.seq):
+            if now - pending.proposed < RETRY_SECONDS:
+                continue  # its record is on its way; the state shows it once committed
+            record = self._record_for_request(pending, now)
+            if record is not None:
+                pending.proposed = now
+                self._propose(record)
+        if self.plan_in_flight and now - self.plan_started < RETRY_SECONDS:
+            return  # never plan twice for one replica: wait for the last round to commit
+        self.plan_in_flight.clear()
+        views = self.node_views(now)
+        planning = time.time()
+        result = plan(self.state.specs, views, self.state.table)
+        now = time.time()
+        self.unplaceable = [u.message for u in result.unplaceable]
+        round_ids = set()
+        for action in result.actions:
+            reason = dict(action.reason)
+            record = Record(ORCH, Orchestrate(deployed=action.entity, location=action.node, action=action.action,
+                                              reason=reason), int(now * 1000))
+            round_ids.add(record.record_id)
+            if isinstance(action, Place):
+                self.open_timings[record.record_id] = self._timing_for(action, planning, now)
+            self._propose(record)
+        for record in self._containers_of_dead_nodes(views):
+            round_ids.add(record.record_id)
+            self._propose(record)
+        if round_ids:
+            self.plan_in_flight = round_ids
+            self.plan_started = now
+
+    def _record_for_request(self, pending: _Pending, now: float) -> Record | None:
+        """The record that carries out a request, or None once the ledger shows it is done."""
+        request = pending.request
+        joined = self.state.specs.get(request.service)
+        now_ms = int(now * 1000)
+        if request.op == "move":
+            return self._move_record(pending, now)
+        if request.op == "remove":
+            if joined is None:
+                return None
+            return Record(ID_DELETE, Identity(request.service, "service", request.certificate or b"\0"), now_ms,
+                          {"request": request.wire})
+        assert request.spec is not None
+        if joined is not None:
+            if joined == request.spec:
+                return None
+            # A changed spec: the old deployment leaves, the new one joins (in a later round).
+            return Record(ID_DELETE, Identity(request.service, "service", b"\0"), now_ms,
+                          {"request": request.wire})
+        return Record(ID_CREATE, Identity(request.service, "service", request.certificate), now_ms,
+                      {"request": request.wire})
+
+    def _move_record(self, pending: _Pending, now: float) -> Record | None:
+        """Place a replica again, away from where it runs (or onto the node the operator names)."""
+        request = pending.request
+        spec = self.state.specs.get(request.service)
+        current = self.state.table.get(request.service, request.replica)
+        if spec is None or current is None or current.height > pending.baseline:
+            return None  # nothing to move, or it has been placed since the request: done
+        if current.node == request.to:
+            return None
+        views = [dataclasses.replace(v, alive=False) if v.name == current.node or (request.to and v.name != request.to)
+                 else v for v in self.node_views(now)]
+        table = self.state.table.copy()
+        table.unassign(request.service, request.replica)
+        try:
+            decision = place_replica(spec, request.replica, views, table, specs=self.state.specs)
+        except NoEligibleNode as exc:
+            log.warning("cannot move %s:%s: %s", request.service, request.replica, exc)
+            self.requests.pop(request.digest, None)
+            return None
+        reason = {**decision.reason, "replaces": {"node": current.node, "why": "moved by the operator"}}
+        record = Record(ORCH, Orchestrate(replica_entity(request.service, request.replica), decision.node, "place",
+                                          reason), int(now * 1000))
+        self.open_timings[record.record_id] = PlacementTiming(
+            request.service, request.replica, decision.node, self.node.options.mode, "move", pending.received,
+            request.time_ms, planning=now, chosen=time.time(), log_write_s=self.node.last_persist_seconds)
+        return record
+
+    def _forget_done_requests(self, now: float) -> None:
+        for digest, pending in list(self.requests.items()):
+            done = self._record_for_request(pending, now) is None
+            if done or now - pending.received > REQUEST_KEEP_SECONDS:
+                del self.requests[digest]
+
+    def _timing_for(self, action: Place, planning: float, now: float) -> PlacementTiming:
+        trigger, received, sent_ms = "plan", now, None
+        if action.previous_node is not None:
+            trigger = "heal"
+            received = self.last_contact.get(action.previous_node, now - self.dead_after) + self.dead_after
+        else:
+            for pending in self.requests.values():
+                if pending.request.service == action.service:
+                    trigger, received, sent_ms = "request", pending.received, pending.request.time_ms
+        timing = PlacementTiming(action.service, action.replica, action.node, self.node.options.mode, trigger,
+                                 received, sent_ms, planning=planning, chosen=now,
+                                 log_write_s=self.node.last_persist_seconds)
+        # The election this placement waited for, if one happened since the request (on-demand mode).
+        for at, event in self.node.events[-50:]:
+            if at < received - 0.001:
+                continue
+            if event.phase == "campaign" and timing.campaign is None:
+                timing.campaign = at
+            elif event.phase == "vote" and timing.first_vote is None and timing.campaign is not None:
+                timing.first_vote = at
+            elif event.phase == "elected" and timing.campaign is not None:
+                timing.elected = at
+        return timing
+
+    def node_views(self, now: float) -> list[NodeView]:
+        views = [NodeView(self.node.name, self.sample.cpu, self.sample.memory, self.labels, True,
+                          float(self.monitor.cores), float(self.monitor.memory_total_mb), self.state.height)]
+        for name in self.node.node_names:
+            if name == self.node.name or not self.state_joined_node(name):
+                continue
+            received, report = self.node.peer_reports.get(name, (0.0, {}))
+            alive = now - max(received, self.last_contact.get(name, 0.0)) < self.dead_after
+            cpu, memory = _fraction(report.get("cpu")), _fraction(report.get("memory"))
+            voted = self.node.raft.loads.get(name)
+            if self.node.options.mode == "on-demand" and voted is not None:
+                # The paper's protocol: the load each voter sent with its vote, fresher than any report.
+                # It is the voter's score, (cpu + memory) / 2, so both halves take it.
+                cpu = memory = voted
+            views.append(NodeView(
+                name, cpu, memory,
+                {str(k): str(v) for k, v in (report.get("labels") or {}).items()}, alive,
+                _positive(report.get("cores"), 1.0), _positive(report.get("memory_mb"), 1024.0),
+                int(report.get("reported_height") or 0)))
+        return views
+
+    def state_joined_node(self, name: str) -> bool:
+        ledger = self.ledger
+        return ledger is not None and ledger.verifier.state.joined(name)
+
+    def _note_contacts(self, now: float) -> None:
+        """Raft contact counts as a sign of life: the leader sees which followers answered recently."""
+        raft = self.node.raft
+        if raft.role is Role.LEADER:
+            for peer, progress in raft.progress.items():
+                if progress.recent_active:
+                    self.last_contact[peer] = now
+        elif raft.leader is not None:
+            self.last_contact[raft.leader] = now
+
+    def _containers_of_dead_nodes(self, views: list[NodeView]) -> list[Record]:
+        """Containers on nodes that stopped answering and whose replica now runs elsewhere: gone."""
+        dead = {v.name for v in views if not v.alive}
+        out = []
+        for info in self.state.containers.values():
+            current = self.state.table.get(info.service, info.replica)
+            if info.node in dead and (current is None or current.node != info.node or current.height != info.height):
+                out.append(Record(ID_DELETE, Identity(info.name, "container", b"\0", info.node), int(time.time() * 1000),
+                                  {"why": f"node {info.node} stopped answering"}))
+        return out
+
+    def _publish_placements(self) -> None:
+        for service in sorted(set(self.state.specs) | set(self.published) | set(self.state.table.services())):
+            document = self.state.placement_of(service)
+            key = json.dumps(document["replicas"], sort_keys=True)
+            if self.published.get(service) == key:
+                continue
+            if self.node.link.publish(self.node.topics.orch_placement(service),
+                                      json.dumps(document, sort_keys=True).encode(), qos=1, retain=True):
+                self.published[service] = key
+
+    # ------------------------------------------------------------------ every node: its own instances
+
+    def _reconcile_instances(self) -> None:
+        if self.worker is None:
+            return
+        desired: dict[tuple[str, int], Desired] = {}
+        for assignment in self.state.table.on_node(self.node.name):
+            spec = self.state.specs.get(assignment.service)
+            if spec is None:
+                continue
+            instance_spec = InstanceSpec(
+                cluster=self.node.cluster.name, service=assignment.service, replica=assignment.replica,
+                node=self.node.name, height=assignment.height, image=spec.image,
+                command=spec.command if spec.command is not None else (sys.executable, "-m",
+                                                                         f"tomq.node.services.{spec.program}"),
+                env=dict(spec.env), restart=spec.restart,  # type: ignore[arg-type]
+                cpu=spec.resources.cpu, memory_mb=spec.resources.memory_mb)
+            desired[(assignment.service, assignment.replica)] = Desired(
+                instance_spec, functools.partial(self._instance_files, assignment.service, assignment.replica,
+                                                 assignment.height, spec))
+        self.worker.want(desired)
+
+    def _instance_files(self, service: str, replica: int, height: int, spec: ServiceSpec) -> dict[str, bytes]:
+        """What an instance needs to be its service: identity, trust, broker, spec (runs on the worker)."""
+        directory = self.node.cluster.directory / "members" / service
+        ledger = self.ledger
+        devices: dict[str, bytes] = {}
+        if ledger is not None:
+            for name in sorted(ledger.verifier.state.members("device")):
+                certificate = ledger.verifier.trust.by_name(name)
+                if certificate is not None:
+                    devices[name] = certificate.encoded
+        description = {
+            "cluster": self.node.cluster.name,
+            "broker": {"host": self.node.link.host, "port": self.node.link.port},
+            "service": service, "replica": replica, "node": self.node.name, "height": height,
+            "program": spec.program, "spec": spec.to_map(), "identity": service,
+            "ledger_height": self.state.height,
+        }
+        return {
+            "service.json": json.dumps(description, sort_keys=True, indent=1).encode(),
+            "key": (directory / "key").read_bytes(),
+            "cert.cbor": (directory / "cert.cbor").read_bytes(),
+            "operator.pub": (self.node.cluster.operator.hex() + "\n").encode(),
+            "devices.cbor": canonical.encode(devices),
+        }
+
+    def _record_containers(self) -> None:
+        """Propose the container records that make the ledger match what runs here."""
+        raft = self.node.raft
+        if not self.caught_up:
+            # Just started: until we have applied what the cluster had committed when we first heard
+            # from a leader, our view of the ledger is old and its container records would be wrong.
+            if raft.leader is None:
+                return
+            if self.catch_up_to is None:
+                self.catch_up_to = raft.log.committed
+            if raft.log.applied < self.catch_up_to:
+                return
+            self.caught_up = True
+        now_ms = int(time.time() * 1000)
+        running = {container_name(i.service, i.replica, self.node.name, i.height): i
+                   for i in self.instances if i.running}
+        for name, instance in sorted(running.items()):
+            assignment = self.state.table.get(instance.service, instance.replica)
+            placed_here = (assignment is not None and assignment.node == self.node.name
+                           and assignment.height == instance.height)
+            if name not in self.state.containers and placed_here:
+                proof = hashlib.sha256(f"{instance.id} {sorted(instance.labels.items())}".encode()).digest()
+                self._propose_once(Record(ID_CREATE, Identity(name, "container", proof, self.node.name), now_ms,
+                                          {"runtime": self.runtime.name if self.runtime else "", "id": instance.id}))
+        for name, info in sorted(self.state.containers.items()):
+            if info.node == self.node.name and name not in running:
+                self._propose_once(Record(ID_DELETE, Identity(name, "container", b"\0", self.node.name), now_ms,
+                                          {"why": "stopped"}))
+
+    # ------------------------------------------------------------------ proposing
+
+    def _propose_once(self, record: Record) -> None:
+        """Propose unless an equal record (same object and state) is already on its way."""
+        for _, pending in self.outstanding.by_id.values():
+            if pending.state == record.state and pending.structure == record.structure:
+                return
+        self._propose(record)
+
+    def _propose(self, record: Record) -> None:
+        ledger = self.ledger
+        if ledger is None:
+            return
+        self.outstanding.add(record, time.time())
+        # The ledger takes a proposer's records only in rising sequence order, and operator tools may
+        # propose as this node too (`tomq ledger propose --as`): microseconds since the epoch keep every
+        # process that signs as this node rising together, as tomq.node.cli.Proposer does.
+        self._record_seq = max(self._record_seq + 1, int(time.time() * 1_000_000))
+        ledger.submit(seal(self.node.key, seq=self._record_seq, time_ms=int(time.time() * 1000), type="record",
+                           body=record.to_map()))
+
+    def _still_wanted(self, record: Record) -> bool:
+        """Whether a record that did not commit in time should be proposed again, unchanged."""
+        structure = record.structure
+        if isinstance(structure, Identity) and structure.kind == "container":
+            joined = structure.object in self.state.containers
+            return joined if record.state == ID_DELETE else not joined
+        return False  # requests and plans are recomputed from the state instead
+
+    # ------------------------------------------------------------------ views
+
+    def load_report(self) -> dict[str, Any]:
+        """What this node adds to its load report (node/<id>/load): what placement needs."""
+        return {"cpu": round(self.sample.cpu, 4), "memory": round(self.sample.memory, 4),
+                "cores": self.monitor.cores, "memory_mb": round(self.monitor.memory_total_mb),
+                "labels": self.labels, "reported_height": self.state.height,
+                "runtime": self.runtime.name if self.runtime is not None else None,
+                "instances": sorted(f"{i.service}:{i.replica}@{i.height}:{i.state}" for i in self.instances)}
+
+    def load_score(self) -> float:
+        return (self.sample.cpu + self.sample.memory) / 2
+
+    def status(self) -> dict[str, Any]:
+        totals = [total for t in self.timings if (total := t.phases_ms()["total"]) is not None]
+        return {
+            "runtime": self.runtime.name if self.runtime is not None else None,
+            "services": {name: {"replicas": spec.replicas, "deployed_at": self.state.spec_heights.get(name)}
+                         for name, spec in sorted(self.state.specs.items())},
+            "placements": [a.to_map() for a in self.state.table],
+            "containers": sorted(self.state.containers),
+            "instances": sorted(f"{i.service}:{i.replica}@{i.height}:{i.state}" for i in self.instances),
+            "unplaceable": self.unplaceable,
+            "pending_requests": len(self.requests),
+            "placement_timings": [t.to_map() for t in list(self.timings)[-20:]],
+            "placement_p50_ms": round(statistics.median(totals), 3) if totals else None,
+            "problems": self.instance_problems[-5:] + self.state.skipped[-5:],
+        }
+
+
+def _fraction(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and 0 <= value < 1e6 else 1.0
+
+
+def _positive(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, int | float) and value > 0 else default
+
+
+__all__ = ["Orchestrator", "PlacementTiming", "replica_entity"]

@@ -1,0 +1,380 @@
+"""Orchestration with real processes: a broker, three `tomq node`s, and both runtimes (DESIGN.md §6).
+
+The same scenarios run on the process runtime and on a private dockerd: deploying places every
+replica on the least-loaded eligible node through committed PROV-ORCH records, the instances that
+run (found by their labels, in /proc or through the docker engine) agree with the retained
+`orch/placement/*` and with the ledger; killing a node moves its replicas within 5 s and the ledger
+says why; a node that comes back stops what no longer belongs to it; a loaded node is avoided; a
+malformed spec is refused before anything is sent; removing a service stops everything it ran.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dockerd import dockerd, runtime_image  # noqa: F401  (pytest fixtures)
+from ledger_cluster import TOMQ, LedgerCluster
+
+from tomq import cluster, records
+from tomq.mqtt import MqttLink, wait_until
+from tomq.node.ledger.block import decode_block_file
+from tomq.records import ID_CREATE, ID_DELETE, ORCH
+
+_NAMES = itertools.count()
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(1e6)"]
+
+
+class OrchestratedCluster(LedgerCluster):
+    """A LedgerCluster whose nodes run instances with `runtime`; each node has its own load-pids file."""
+
+    def __init__(self, tmp_path: Path, runtime: str, docker_host: str | None) -> None:
+        self.runtime = runtime
+        self.docker_host = docker_host
+        self.load_files = {f"n{i}": tmp_path / f"n{i}.load-pids" for i in range(1, 4)}
+        args = ["--runtime", runtime, "--dead-after", "2.0"]
+        if docker_host:
+            args += ["--docker-host", docker_host]
+        # A name of its own: instances are found by their cluster label, and an earlier test's must not count.
+        super().__init__(tmp_path, 3, "mosquitto", extra_args=tuple(args), cluster_name=f"orch{os.getpid()}{next(_NAMES)}")
+
+    def _argv(self, name: str) -> list[str]:
+        return [*super()._argv(name), "--load-pids-file", str(self.load_files[name])]
+
+    # -- what runs, seen from outside the nodes --------------------------------------------------
+
+    def running(self) -> dict[tuple[str, int], tuple[str, int]]:
+        """(service, replica) -> (node, height) of every live instance of this cluster."""
+        found: dict[tuple[str, int], tuple[str, int]] = {}
+        for labels in self._instance_labels():
+            key = (labels["tomq.service"], int(labels["tomq.replica"]))
+            if key in found:
+                raise AssertionError(f"{key} runs twice: {found[key]} and {labels}")
+            found[key] = (labels["tomq.node"], int(labels["tomq.height"]))
+        return found
+
+    def _instance_labels(self) -> list[dict[str, str]]:
+        if self.runtime == "docker":
+            import docker
+
+            client = docker.DockerClient(base_url=self.docker_host)
+            try:
+                containers = client.containers.list(filters={"label": f"tomq.cluster={self.cluster.name}"})
+                return [c.labels for c in containers]
+            finally:
+                client.close()
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rindex(")") + 2] in "ZX":
+                continue
+            env = dict(item.decode(errors="replace").partition("=")[::2] for item in environ if b"=" in item)
+            if env.get("TOMQ_CLUSTER") == self.cluster.name and "TOMQ_SERVICE" in env and os.getpgid(int(entry)) == int(entry):
+                out.append({"tomq.service": env["TOMQ_SERVICE"], "tomq.replica": env["TOMQ_REPLICA"],
+                            "tomq.node": env["TOMQ_NODE"], "tomq.height": env["TOMQ_HEIGHT"]})
+        return out
+
+    def kill_instances(self) -> None:
+        """Stop every instance this cluster left (teardown: the nodes never stop them on exit)."""
+        if self.runtime == "docker":
+            import docker
+
+            client = docker.DockerClient(base_url=self.docker_host)
+            try:
+                for container in client.containers.list(all=True, filters={"label": f"tomq.cluster={self.cluster.name}"}):
+                    container.remove(force=True)
+            finally:
+                client.close()
+            return
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    environ = Path(f"/proc/{entry}/environ").read_bytes()
+                except OSError:
+                    continue
+                if f"TOMQ_CLUSTER={self.cluster.name}".encode() in environ.split(b"\0"):
+                    try:
+                        os.killpg(int(entry), 9)
+                    except OSError:
+                        pass
+
+    # -- what the cluster says ------------------------------------------------------------------
+
+    def ledger_records(self) -> list[tuple[int, records.Record, str]]:
+        """(height, record, proposer id) of every record in the shared ledger directory."""
+        from tomq import canonical
+
+        out = []
+        for path in sorted(self.ledger_dir.glob("*.block")):
+            block = decode_block_file(path.read_bytes()).block
+            for envelope in block.records:
+                fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
+                out.append((block.height, records.from_map(fields["body"]), fields["from"]))
+        return out
+
+    def placements(self) -> dict[str, dict[str, Any]]:
+        """The retained orch/placement/* documents, read with a fresh client."""
+        documents: dict[str, dict[str, Any]] = {}
+        done = threading.Event()
+
+        def on_message(topic: str, payload: bytes, retained: bool) -> None:
+            if payload:
+                document = json.loads(payload)
+                documents[document["service"]] = document
+
+        link = MqttLink(host="127.0.0.1", port=self.broker.port, username="n1",
+                        password=cluster.broker_password(self.cluster.signing_key("n1")), on_message=on_message)
+        link.subscribe(f"{self.cluster.topics.root}/orch/placement/+")
+        link.start()
+        done.wait(0.5)
+        link.stop()
+        return documents
+
+    def tomq(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*TOMQ, *args], capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        result = self.tomq("status", str(self.directory), "--json")  # exits 1 while no leader is agreed
+        assert result.stdout, result.stderr
+        return json.loads(result.stdout)
+
+
+def write_spec(path: Path, name: str, replicas: int = 1, extra: str = "") -> Path:
+    path.write_text(f'[service]\nname = "{name}"\ncommand = {json.dumps(SLEEPER)}\nreplicas = {replicas}\n{extra}')
+    return path
+
+
+@pytest.fixture(params=["process", "docker"])
+def orchestrated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OrchestratedCluster]:
+    docker_host = request.getfixturevalue("dockerd") if request.param == "docker" else None
+    if docker_host:
+        from tomq.node.runtime.image import build_image
+
+        build_image(docker_host)  # the default image the specs name; the nodes then find it current
+    running = OrchestratedCluster(tmp_path, request.param, docker_host)
+    running.start()
+    proposer = running.proposer()  # points cluster.toml at the test broker, which `tomq deploy` reads
+    proposer.close()
+    assert wait_until(lambda: running.status()["leader"] is not None, 30, 0.5), running.logs()
+    try:
+        yield running
+    finally:
+        running.stop()
+        running.kill_instances()
+
+
+def placed_by_ledger(running: OrchestratedCluster) -> dict[tuple[str, int], tuple[str, int]]:
+    """(service, replica) -> (node, height): replaying the ledger's PROV-ORCH records."""
+    placed: dict[tuple[str, int], tuple[str, int]] = {}
+    for height, record, _ in running.ledger_records():
+        structure = record.structure
+        if record.state == ORCH and isinstance(structure, records.Orchestrate):
+            service, _, replica = structure.deployed.rpartition(":")
+            if structure.action == "place":
+                placed[(service, int(replica))] = (structure.location, height)
+            elif structure.action == "remove":
+                placed.pop((service, int(replica)), None)
+    return placed
+
+
+def test_deploy_places_replicas_that_run_where_the_ledger_says(orchestrated: OrchestratedCluster, tmp_path: Path):
+    spec = write_spec(tmp_path / "sleeper.toml", "sleeper", replicas=3)
+    result = orchestrated.tomq("deploy", str(orchestrated.directory), str(spec), "--wait", "30")
+    assert result.returncode == 0, result.stdout + result.stderr + orchestrated.logs()
+    assert "sleeper:2 on n" in result.stdout
+    assert wait_until(lambda: len(orchestrated.running()) == 3, 20), orchestrated.logs()
+    running = orchestrated.running()
+    # spread (the default): three replicas on three different nodes
+    assert {node for node, _ in running.values()} == {"n1", "n2", "n3"}
+    # the ledger, the retained placement and what runs agree
+    assert wait_until(lambda: placed_by_ledger(orchestrated) == running, 10), (placed_by_ledger(orchestrated), running)
+    document = orchestrated.placements()["sleeper"]
+    assert {("sleeper", int(r)): (p["node"], p["height"]) for r, p in document["replicas"].items()} == running
+    states = [(r.state, getattr(r.structure, "kind", getattr(r.structure, "action", None)))
+              for _, r, _ in orchestrated.ledger_records()]
+    assert (ID_CREATE, "service") in states
+    assert states.count((ORCH, "place")) == 3
+    assert wait_until(lambda: [(r.state, getattr(r.structure, "kind", None)) for _, r, _ in
+                               orchestrated.ledger_records()].count((ID_CREATE, "container")) == 3, 10)
+    # every placement says what it saw: the loads of all three nodes
+    place = next(r for _, r, _ in orchestrated.ledger_records() if r.state == ORCH)
+    assert set(place.structure.reason["loads"]) == {"n1", "n2", "n3"}  # type: ignore[union-attr]
+    # the container identity is attributed to the node that runs it
+    containers = [r.structure for _, r, _ in orchestrated.ledger_records()
+                  if r.state == ID_CREATE and getattr(r.structure, "kind", None) == "container"]
+    assert all(c.attributed_to == c.object.split(":")[2] for c in containers)  # type: ignore[union-attr]
+    # the phases of each placement are reported
+    def timings() -> list[dict[str, Any]]:
+        nodes = orchestrated.status()["nodes"].values()
+        return [t for n in nodes for t in n.get("orchestration", {}).get("placement_timings", [])]
+
+    assert wait_until(lambda: len(timings()) == 3, 10, 0.5)  # reports go out once a second
+    assert all(t["phases_ms"]["total"] > 0 and t["trigger"] == "request" for t in timings()), timings()
+    verify = orchestrated.tomq("ledger", "verify", str(orchestrated.ledger_dir), "--operator-key",
+                               str(orchestrated.directory / "operator" / "operator.pub"))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_killed_node_s_replica_runs_elsewhere_within_5_s_and_never_twice(orchestrated: OrchestratedCluster,
+                                                                            tmp_path: Path):
+    spec = write_spec(tmp_path / "analyser.toml", "analyser")
+    result = orchestrated.tomq("deploy", str(orchestrated.directory), str(spec), "--wait", "30")
+    assert result.returncode == 0, result.stdout + result.stderr + orchestrated.logs()
+    assert wait_until(lambda: ("analyser", 0) in orchestrated.running(), 20), orchestrated.logs()
+    victim, first_height = orchestrated.running()[("analyser", 0)]
+    assert wait_until(lambda: any(r.state == ID_CREATE and getattr(r.structure, "object", "") ==
+                                  f"analyser:0:{victim}:{first_height}" for _, r, _ in orchestrated.ledger_records()), 10)
+    orchestrated.nodes[victim].kill()
+    # A node's machine dying takes its instances with it; the node process alone dying would not.
+    # Simulate the machine: kill what the victim ran, as its host going away would.
+    killed_at = time.monotonic()
+    for labels in orchestrated._instance_labels():
+        if labels["tomq.node"] == victim:
+            orchestrated_kill_one(orchestrated, labels)
+
+    def moved() -> bool:
+        where = orchestrated.running().get(("analyser", 0))
+        return where is not None and where[0] != victim
+
+    assert wait_until(moved, 15, 0.1), orchestrated.logs()
+    took = time.monotonic() - killed_at
+    print(f"analyser running again on {orchestrated.running()[('analyser', 0)][0]} {took:.2f} s after the kill")
+    assert took < 5.0
+    new_node, new_height = orchestrated.running()[("analyser", 0)]
+    assert new_height > first_height
+    # the ledger says why: the new placement replaces the dead node
+    assert wait_until(lambda: any(r.state == ORCH and r.structure.reason.get("replaces", {}).get("node") == victim  # type: ignore[union-attr]
+                                  for _, r, _ in orchestrated.ledger_records()), 10)
+    assert wait_until(lambda: any(r.state == ID_DELETE and getattr(r.structure, "kind", None) == "container"
+                                  and r.structure.object.endswith(f":{victim}:{first_height}")  # type: ignore[union-attr]
+                                  for _, r, _ in orchestrated.ledger_records()), 10)
+    # the victim returns: nothing runs twice, the replica stays where it was moved
+    orchestrated.nodes[victim].start()
+    time.sleep(4)
+    assert orchestrated.running()[("analyser", 0)] == (new_node, new_height)
+
+
+def orchestrated_kill_one(running: OrchestratedCluster, labels: dict[str, str]) -> None:
+    if running.runtime == "docker":
+        import docker
+
+        client = docker.DockerClient(base_url=running.docker_host)
+        try:
+            for container in client.containers.list(filters={"label": f"tomq.node={labels['tomq.node']}"}):
+                if container.labels.get("tomq.cluster") == running.cluster.name:
+                    container.kill()
+        finally:
+            client.close()
+        return
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if (f"TOMQ_CLUSTER={running.cluster.name}".encode() in environ
+                    and f"TOMQ_NODE={labels['tomq.node']}".encode() in environ):
+                try:
+                    os.killpg(int(entry), 9)
+                except OSError:
+                    pass
+
+
+def test_a_node_that_comes_back_stops_what_was_moved_away(orchestrated: OrchestratedCluster, tmp_path: Path):
+    """The node process dies but its instance survives (a daemon crash, not a machine loss)."""
+    spec = write_spec(tmp_path / "c.toml", "collector")
+    assert orchestrated.tomq("deploy", str(orchestrated.directory), str(spec)).returncode == 0, orchestrated.logs()
+    assert wait_until(lambda: ("collector", 0) in orchestrated.running(), 20)
+    victim, _ = orchestrated.running()[("collector", 0)]
+    orchestrated.nodes[victim].kill()
+    # The replica is placed elsewhere; until the victim returns, its orphan is still running (a
+    # plain command cannot fence itself; the built-in services do, see tests/test_services.py).
+    assert wait_until(lambda: any(labels["tomq.node"] != victim and labels["tomq.service"] == "collector"
+                                  for labels in orchestrated._instance_labels()), 15, 0.1)
+    orchestrated.nodes[victim].start()
+    assert wait_until(lambda: all(labels["tomq.node"] != victim for labels in orchestrated._instance_labels()),
+                      15, 0.2), orchestrated.nodes[victim].tail()
+    assert orchestrated.running()[("collector", 0)][0] != victim
+
+
+@pytest.mark.parametrize("orchestrated", ["process"], indirect=True)
+def test_new_replicas_avoid_a_loaded_node(orchestrated: OrchestratedCluster, tmp_path: Path):
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        orchestrated.load_files["n2"].write_text(f"{burner.pid}\n")
+
+        def only_n2_is_loaded() -> bool:
+            # The premise, as the nodes report it: the burner shows on n2, and the others have
+            # settled after starting up (a node's own start-up work is load too, for a few seconds).
+            cpu = {name: row.get("cpu", 1.0) for name, row in orchestrated.status()["nodes"].items()}
+            return cpu["n2"] > 0.3 and cpu["n1"] < 0.15 and cpu["n3"] < 0.15
+
+        assert wait_until(only_n2_is_loaded, 30, 0.5), orchestrated.status()["nodes"]
+        spec = write_spec(tmp_path / "two.toml", "pair", replicas=2)
+        result = orchestrated.tomq("deploy", str(orchestrated.directory), str(spec), "--wait", "30")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert wait_until(lambda: len(orchestrated.running()) == 2, 20)
+        place = next(r for _, r, _ in orchestrated.ledger_records() if r.state == ORCH)
+        assert {node for node, _ in orchestrated.running().values()} == {"n1", "n3"}, place.structure.reason  # type: ignore[union-attr]
+        loads = place.structure.reason["loads"]  # type: ignore[union-attr]
+        assert loads["n2"]["cpu"] > loads["n1"]["cpu"], loads
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+@pytest.mark.parametrize("orchestrated", ["process"], indirect=True)
+def test_malformed_spec_is_refused_before_anything_is_sent_and_remove_stops_everything(
+        orchestrated: OrchestratedCluster, tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[service]\nname = "svc"\ncommand = ["true"]\nreplica = 2\n')
+    result = orchestrated.tomq("deploy", str(orchestrated.directory), str(bad))
+    assert result.returncode != 0
+    assert "service.replica: unknown field (did you mean replicas?)" in result.stderr
+    assert not (orchestrated.directory / "members" / "svc").exists()  # nothing enrolled, nothing sent
+    spec = write_spec(tmp_path / "svc.toml", "svc", replicas=2)
+    assert orchestrated.tomq("deploy", str(orchestrated.directory), str(spec)).returncode == 0
+    assert wait_until(lambda: len(orchestrated.running()) == 2, 20)
+    result = orchestrated.tomq("remove", str(orchestrated.directory), "svc", "--wait", "30")
+    assert result.returncode == 0, result.stdout + result.stderr + orchestrated.logs()
+    assert wait_until(lambda: not orchestrated.running(), 20)
+    states = [(r.state, getattr(r.structure, "kind", getattr(r.structure, "action", None)))
+              for _, r, _ in orchestrated.ledger_records()]
+    assert states.count((ORCH, "remove")) == 2 and (ID_DELETE, "service") in states
+    assert wait_until(lambda: [(r.state, getattr(r.structure, "kind", None)) for _, r, _ in
+                               orchestrated.ledger_records()].count((ID_DELETE, "container")) == 2, 10)
+    assert orchestrated.placements()["svc"]["replicas"] == {}
+
+
+@pytest.mark.parametrize("orchestrated", ["process"], indirect=True)
+def test_an_operator_moves_a_replica_and_the_ledger_names_the_node_it_left(orchestrated: OrchestratedCluster,
+                                                                           tmp_path: Path):
+    spec = write_spec(tmp_path / "m.toml", "mover")
+    assert orchestrated.tomq("deploy", str(orchestrated.directory), str(spec)).returncode == 0
+    assert wait_until(lambda: ("mover", 0) in orchestrated.running(), 20)
+    before, _ = orchestrated.running()[("mover", 0)]
+    target = next(n for n in ("n1", "n2", "n3") if n != before)
+    result = orchestrated.tomq("move", str(orchestrated.directory), "mover:0", "--to", target)
+    assert result.returncode == 0, result.stdout + result.stderr + orchestrated.logs()
+    assert f"mover:0 on {target}" in result.stdout
+    assert wait_until(lambda: orchestrated.running().get(("mover", 0), ("", 0))[0] == target, 15)
+    moves = [r.structure.reason["replaces"] for _, r, _ in orchestrated.ledger_records()  # type: ignore[union-attr]
+             if r.state == ORCH and "replaces" in r.structure.reason]  # type: ignore[union-attr]
+    assert moves == [{"node": before, "why": "moved by the operator"}]
+    bad = orchestrated.tomq("move", str(orchestrated.directory), "mover")
+    assert bad.returncode != 0 and "must be SERVICE:REPLICA" in bad.stderr
