@@ -79,7 +79,8 @@ def stream(running: OrchestratedCluster, names: list[str], stop_after: float, se
 
 @pytest.mark.slow
 @pytest.mark.parametrize("orchestrated", ["process"], indirect=True)
-def test_a_minute_of_readings_across_a_move_is_all_on_the_ledger(orchestrated: OrchestratedCluster, tmp_path: Path):
+def test_a_minute_of_readings_across_a_move_is_all_on_the_ledger(orchestrated: OrchestratedCluster,  # noqa: F811
+                                                               tmp_path: Path):
     names = [f"car{i}" for i in range(SENSORS)]
     # Members are enrolled before the cluster starts in the other tests; here the broker must learn
     # of them while it runs: the emitted mosquitto files are written again and mosquitto reloaded.

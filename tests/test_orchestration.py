@@ -378,3 +378,48 @@ def test_an_operator_moves_a_replica_and_the_ledger_names_the_node_it_left(orche
     assert moves == [{"node": before, "why": "moved by the operator"}]
     bad = orchestrated.tomq("move", str(orchestrated.directory), "mover")
     assert bad.returncode != 0 and "must be SERVICE:REPLICA" in bad.stderr
+
+
+@pytest.mark.parametrize("orchestrated", ["docker"], indirect=True)
+def test_built_in_services_in_containers_and_the_analyser_s_node_killed(orchestrated: OrchestratedCluster,
+                                                                         tmp_path: Path):
+    """The issue's scene: collector and analyser as containers; the analyser's node is SIGKILLed.
+
+    Its container outlives the node process (dockerd owns it); the analyser sees the retained
+    placement name another node and exits (fencing), so it never runs twice.
+    """
+    for service in ("collector", "analyser"):
+        cluster.add_member(orchestrated.directory, service, "service")
+    orchestrated.broker.refresh()
+    time.sleep(0.5)
+    (tmp_path / "collector.toml").write_text('[service]\nname = "collector"\nprogram = "collector"\n'
+                                             '[service.inputs]\ntopics = ["dev/+/data"]\n')
+    (tmp_path / "analyser.toml").write_text('[service]\nname = "analyser"\nprogram = "analyser"\n'
+                                            '[service.inputs]\nservices = ["collector"]\n'
+                                            '[service.constraints]\nanti_affinity = ["collector"]\n')
+    for name in ("collector", "analyser"):
+        result = orchestrated.tomq("deploy", str(orchestrated.directory), str(tmp_path / f"{name}.toml"))
+        assert result.returncode == 0, result.stdout + result.stderr + orchestrated.logs()
+    assert wait_until(lambda: {("collector", 0), ("analyser", 0)} <= orchestrated.running().keys(), 20)
+    running = orchestrated.running()
+    assert running[("collector", 0)][0] != running[("analyser", 0)][0]  # anti-affinity
+    assert wait_until(lambda: placed_by_ledger(orchestrated) == orchestrated.running(), 10)
+    time.sleep(2)
+    assert orchestrated.running() == running  # the programs stay up in their containers (no crash loop)
+    victim, _ = running[("analyser", 0)]
+    orchestrated.nodes[victim].kill()
+    killed_at = time.monotonic()
+
+    def analysers() -> list[str]:
+        return [labels["tomq.node"] for labels in orchestrated._instance_labels() if labels["tomq.service"] == "analyser"]
+
+    assert wait_until(lambda: any(node != victim for node in analysers()), 15, 0.1), orchestrated.logs()
+    took = time.monotonic() - killed_at
+    # The container on the dead node's machine is fenced: it sees the retained placement name another
+    # node and exits. (Meanwhile the broker has handed its persistent session to the new instance.)
+    assert wait_until(lambda: victim not in analysers(), 10, 0.1), analysers()
+    fenced = time.monotonic() - killed_at
+    print(f"analyser container running on {analysers()} {took:.2f} s after the kill; the old one gone at {fenced:.2f} s")
+    assert took < 5.0
+    assert any(r.state == ORCH and r.structure.reason.get("replaces", {}).get("node") == victim  # type: ignore[union-attr]
+               for _, r, _ in orchestrated.ledger_records())
