@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tomq.orchestrator")
 
 RETRY_SECONDS = 3.0  # a proposed record not committed by then is proposed again (or planned again)
+LEAD_SECONDS = 0.2  # how often an idle leader plans (a dead node is noticed within this of dead_after)
+SAMPLE_SECONDS = 0.5  # how often the resource monitor samples (it smooths over seconds anyway)
 REQUEST_KEEP_SECONDS = 600.0  # how long a node remembers a request whose effect it has not seen
 
 
@@ -115,7 +117,8 @@ class Orchestrator:
         self.unplaceable: list[str] = []
         self.instance_pids: list[int] = []  # from the worker: only its thread may call the runtime
         self.monitor = ResourceMonitor(os.getpid(), lambda: self.instance_pids, load_pids_file=load_pids_file)
-        self.sample = self.monitor.sample(time.monotonic())
+        self.sampled_at = time.monotonic()
+        self.sample = self.monitor.sample(self.sampled_at)
         self.last_contact: dict[str, float] = {}  # node -> wall clock of the last sign of life
         self.instances: list[Instance] = []
         self.instance_problems: list[str] = []
@@ -127,6 +130,7 @@ class Orchestrator:
         self.dirty = True  # the state changed since the last reconcile
         self._record_seq = 0
         self.caught_up = False
+        self.last_lead = 0.0
         self.catch_up_to: int | None = None
         self.last_reconcile = 0.0
 
@@ -145,6 +149,7 @@ class Orchestrator:
     def on_records(self, applied: list[AppliedRecord]) -> None:
         """Listener of the ledger: fold committed records into the state (every node, in order)."""
         now = time.time()
+        version = self.state.version
         for item in applied:
             self.state.apply(item)
             record_id = item.record.record_id
@@ -156,7 +161,7 @@ class Orchestrator:
                 if self.ledger is not None and self.ledger.apply_started:
                     timing.apply_s = max(0.0, time.monotonic() - self.ledger.apply_started)
                 self.timings.append(timing)
-        if applied:
+        if self.state.version != version:
             self.dirty = True
 
     # ------------------------------------------------------------------ inputs
@@ -190,7 +195,10 @@ class Orchestrator:
 
     def tick(self) -> None:
         now = time.time()
-        self.sample = self.monitor.sample(time.monotonic())
+        if time.monotonic() - self.sampled_at >= SAMPLE_SECONDS:
+            # Walking /proc for the process trees costs milliseconds: not on every 50 ms tick.
+            self.sampled_at = time.monotonic()
+            self.sample = self.monitor.sample(self.sampled_at)
         self._note_contacts(now)
         self._forget_done_requests(now)
         for record in self.outstanding.expired(now):
@@ -209,8 +217,12 @@ class Orchestrator:
             self.published.clear()  # a new leader republishes every placement
             self.plan_in_flight.clear()
         self.was_leader = leader
-        if leader:
-            self._lead(time.time())
+        now = time.time()
+        # Planning reads every node's view: on news (a request, a changed state), else a few times a
+        # second (to notice a node that stopped answering), not on every input batch.
+        if leader and (self.dirty or self.requests or now - self.last_lead >= LEAD_SECONDS):
+            self.last_lead = now
+            self._lead(now)
         if self.dirty:
             self.dirty = False
             self.last_reconcile = time.time()

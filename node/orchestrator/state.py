@@ -86,12 +86,16 @@ class OrchestrationState:
     table: PlacementTable = field(default_factory=PlacementTable)
     containers: dict[str, ContainerInfo] = field(default_factory=dict)
     height: int = -1  # last block folded in
+    version: int = 0  # counts the records that changed anything here: a cheap "did it change?"
     skipped: list[str] = field(default_factory=list)  # why records were not applied (recent ones)
 
     def apply(self, applied: AppliedRecord) -> None:
         record, height = applied.record, applied.height
         self.height = max(self.height, height)
         structure = record.structure
+        if (isinstance(structure, Identity) and structure.kind in ("service", "container")) or \
+                isinstance(structure, Orchestrate):
+            self.version += 1
         if isinstance(structure, Identity) and structure.kind == "service":
             if record.state == ID_CREATE:
                 request = record.attributes.get("request")
