@@ -38,10 +38,17 @@ class NodeApplier:
     def tick(self, node: NodeDaemon) -> None:
         self.ledger.tick(node)
         self.orchestrator.tick()
+        self._hold(node)
 
     def after_input(self, node: NodeDaemon) -> None:
         self.ledger.after_input(node)
         self.orchestrator.after_input()
+        self._hold(node)
+
+    def _hold(self, node: NodeDaemon) -> None:
+        # On-demand mode: a leader that paused now would leave committed work unfinished (a block
+        # without its certificate, a registered service without its placement).
+        node.raft.hold(self.ledger.has_leader_work() or self.orchestrator.has_leader_work())
 
     def extras_for_peers(self) -> dict[str, Any]:
         return self.ledger.extras_for_peers()

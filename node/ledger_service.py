@@ -324,6 +324,11 @@ class LedgerService:
         else:
             self.node.link.publish(self.node.topics.ledger_propose(), payload, qos=1)
 
+    def has_leader_work(self) -> bool:
+        """Whether a leader is still needed here: records to batch, blocks in flight or uncertified."""
+        return bool(self.pending or self.early or self.tentative_height > self.verifier.height
+                    or self.certified < self.verifier.height)
+
     def is_ready_leader(self) -> bool:
         """Leading, and every earlier term's block applied: what we plan from is the ledger's state."""
         return self._is_leader() and self.tentative_state is not None

@@ -37,7 +37,7 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(1e6)"]
 class OrchestratedCluster(LedgerCluster):
     """A LedgerCluster whose nodes run instances with `runtime`; each node has its own load-pids file."""
 
-    def __init__(self, tmp_path: Path, runtime: str, docker_host: str | None) -> None:
+    def __init__(self, tmp_path: Path, runtime: str, docker_host: str | None, mode: str = "stable") -> None:
         self.runtime = runtime
         self.docker_host = docker_host
         self.load_files = {f"n{i}": tmp_path / f"n{i}.load-pids" for i in range(1, 4)}
@@ -45,7 +45,8 @@ class OrchestratedCluster(LedgerCluster):
         if docker_host:
             args += ["--docker-host", docker_host]
         # A name of its own: instances are found by their cluster label, and an earlier test's must not count.
-        super().__init__(tmp_path, 3, "mosquitto", extra_args=tuple(args), cluster_name=f"orch{os.getpid()}{next(_NAMES)}")
+        super().__init__(tmp_path, 3, "mosquitto", extra_args=tuple(args), mode=mode,
+                         cluster_name=f"orch{os.getpid()}{next(_NAMES)}")
 
     def _argv(self, name: str) -> list[str]:
         return [*super()._argv(name), "--load-pids-file", str(self.load_files[name])]
@@ -423,3 +424,33 @@ def test_built_in_services_in_containers_and_the_analyser_s_node_killed(orchestr
     assert took < 5.0
     assert any(r.state == ORCH and r.structure.reason.get("replaces", {}).get("node") == victim  # type: ignore[union-attr]
                for _, r, _ in orchestrated.ledger_records())
+
+
+def test_on_demand_each_request_elects_a_leader_that_places_it_then_pauses(tmp_path: Path):
+    """The consensus paper's mode: no leader while idle; a request makes a node stand for election."""
+    running = OrchestratedCluster(tmp_path, "process", None, mode="on-demand")
+    running.start()
+    running.proposer().close()  # points cluster.toml at the test broker
+    try:
+        for name in ("first", "second"):
+            spec = write_spec(tmp_path / f"{name}.toml", name)
+            result = running.tomq("deploy", str(running.directory), str(spec), "--wait", "30")
+            assert result.returncode == 0, result.stdout + result.stderr + running.logs()
+        assert wait_until(lambda: {("first", 0), ("second", 0)} <= running.running().keys(), 20)
+        assert wait_until(lambda: placed_by_ledger(running) == running.running(), 10)
+        # Every placement waited for an election: its phases say how long the votes took.
+        def timings() -> list[dict[str, Any]]:
+            nodes = running.status()["nodes"].values()
+            return [t for n in nodes for t in n.get("orchestration", {}).get("placement_timings", [])]
+
+        assert wait_until(lambda: len(timings()) == 2, 10, 0.5), timings()
+        assert all(t["mode"] == "on-demand" and t["trigger"] == "request" for t in timings())
+        assert any(t["phases_ms"]["election_network"] is not None for t in timings()), timings()
+        # ...and once the work is done (certificates included) the leader pauses again.
+        assert wait_until(lambda: running.status()["leader"] is None, 15, 0.5)
+        verify = running.tomq("ledger", "verify", str(running.ledger_dir), "--operator-key",
+                              str(running.directory / "operator" / "operator.pub"))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        running.stop()
+        running.kill_instances()

@@ -493,6 +493,21 @@ def test_on_demand_phase_events_for_one_request_on_an_idle_cluster():
     assert net.leader() is None  # and paused again
 
 
+def test_an_on_demand_leader_that_is_held_does_not_pause_until_released():
+    net = Net(mode=ON_DEMAND)
+    net.nodes["n2"].request(b"job", b"spec")
+    for node in net.nodes.values():
+        node.hold(True)  # the ledger above has a block to certify, say
+    net.process("n2")
+    net.deliver()
+    net.tick(3 * ELECTION)
+    assert net.leader() == "n2"  # decided, committed, and still leading
+    assert "pause" not in [phase for _, phase in net.events()]
+    net.nodes["n2"].hold(False)
+    net.tick(2 * ELECTION)
+    assert net.leader() is None and "pause" in [phase for _, phase in net.events()]
+
+
 # =========================================================================== configuration
 
 

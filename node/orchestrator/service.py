@@ -171,16 +171,28 @@ class Orchestrator:
             request = open_request(payload, self.node.cluster.operator, self.node.cluster.name,
                                    self.request_watermarks)
         except ReplayedEnvelope:
-            return  # the same request seen again (a retained copy, a broker redelivery)
+            # The same request again (the operator tool resends until it sees the result). In
+            # on-demand mode it still asks for a leader: the first copy may have found none.
+            self._want_leader()
+            return
         except EnvelopeRejected as exc:
             log.warning("refused operator request: %s", exc)
             return
         self.requests[request.digest] = _Pending(request, time.time(), self.state.height)
         log.info("operator request: %s %s", request.op, request.service)
+        self._want_leader()
+
+    def _want_leader(self) -> None:
         ledger = self.ledger
-        if (ledger is not None and self.node.options.mode == "on-demand" and self.node.raft.leader is None
-                and self.node.raft.role is not Role.LEADER):
+        if (ledger is not None and self.requests and self.node.options.mode == "on-demand"
+                and self.node.raft.leader is None and self.node.raft.role is not Role.LEADER):
             ledger.wants_leader = True  # the paper: the node that receives a request stands for election
+
+    def has_leader_work(self) -> bool:
+        """Whether a leader must stay: requests not carried out, records on their way, replicas unplaced."""
+        if self.requests or self.plan_in_flight or self.outstanding.by_id:
+            return True
+        return any(len(self.state.table.of_service(name)) < spec.replicas for name, spec in self.state.specs.items())
 
     def _on_worker_report(self, instances: list[Instance], problems: list[str], pids: list[int]) -> None:
         def handle() -> None:
@@ -279,7 +291,7 @@ class Orchestrator:
         assert request.spec is not None
         if joined is not None:
             if joined == request.spec:
-                return None
+                return None  # registered; `plan` places its replicas (the request stays until then)
             # A changed spec: the old deployment leaves, the new one joins (in a later round).
             return Record(ID_DELETE, Identity(request.service, "service", b"\0"), now_ms,
                           {"request": request.wire})
@@ -316,6 +328,11 @@ class Orchestrator:
     def _forget_done_requests(self, now: float) -> None:
         for digest, pending in list(self.requests.items()):
             done = self._record_for_request(pending, now) is None
+            request = pending.request
+            if done and request.op == "deploy" and request.spec is not None:
+                # Registered is not deployed: keep it (its timing and, in on-demand mode, the leader
+                # it needs) until every replica has a committed placement.
+                done = len(self.state.table.of_service(request.service)) >= request.spec.replicas
             if done or now - pending.received > REQUEST_KEEP_SECONDS:
                 del self.requests[digest]
 

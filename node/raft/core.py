@@ -231,6 +231,9 @@ class RaftNode:
         self._decided: dict[bytes, None] = dict.fromkeys(snapshot.meta.decided) if snapshot else {}
         self._in_log: set[bytes] = set()  # leader only: request ids decided by entries in its log
         self._pause_wait = 0
+        # On-demand: the state machine above us still has work that needs a leader (records to batch,
+        # a certificate to commit, a placement to plan): do not pause yet. See `hold()`.
+        self.held = False
         self._msgs: list[Message] = []
         self._read_states: list[ReadState] = []
         self._events: list[PhaseEvent] = []
@@ -319,6 +322,12 @@ class RaftNode:
         elif self.config.mode == ON_DEMAND:
             self._hup()  # the paper: the node that receives a request stands for election
         # stable mode without a leader: the request waits in self.requests and is forwarded once one is known
+
+    def hold(self, held: bool) -> None:
+        """On-demand mode: while held, a leader does not pause. The state machine behind the log calls
+        this with True while it has work only a leader can finish (entries it will propose once it has
+        applied what just committed), and with False when done; the next tick may then pause."""
+        self.held = held
 
     def read_index(self, context: bytes) -> None:
         """Ask for a linearizable read; a ReadState with this context appears in a later Ready."""
@@ -828,7 +837,7 @@ class RaftNode:
         if self.config.mode != ON_DEMAND or self.role is not Role.LEADER:
             return
         if (self._leader_queue or self.requests or self._reads or self.transfer_target is not None
-                or self._awaiting_loads):
+                or self._awaiting_loads or self.held):
             return
         if self.log.applied < self.log.last_index():
             return
