@@ -1,7 +1,8 @@
 """The node daemon's loop: the only place where the Raft core meets disk, clock and network.
 
-One thread owns the core. paho's network thread only enqueues what arrives; the loop takes items off
-the queue, ticks the core on a fixed period, and handles every Ready in the order the core demands:
+One thread owns the core and the MQTT connection: it waits in `link.pump` (paho's socket, no network
+thread), whose callbacks only enqueue what arrived; the loop takes items off the queue, ticks the core
+on a fixed period, and handles every Ready in the order the core demands:
 
     persist (append, hard state, snapshot) and fsync  ->  send  ->  apply
 
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,7 @@ class NodeDaemon:
         # The highest log index known to be on disk: what a leader may apply before its next fsync.
         self._durable_index = (loaded.entries[-1].index if loaded.entries
                                else loaded.snapshot.meta.index if loaded.snapshot else 0)
-        self.inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.inbox: deque[tuple[Any, ...]] = deque()  # appended to by any thread, taken by the loop
         self.watermarks = FileWatermarks(self.data_dir / "watermarks")
         self.counter = SequenceCounter(self.data_dir / "sequence")
         self.link = MqttLink(
@@ -109,6 +110,7 @@ class NodeDaemon:
             password=cluster.broker_password(self.key),
             client_id=f"tomq-node-{self.name}",
             on_message=self._on_mqtt,
+            threaded=False,  # run() pumps it: messages arrive and leave on the loop's thread
         )
         self.transport = RaftTransport(link=self.link, topics=self.topics, name=self.name, key=self.key,
                                        trust=self.trust, counter=self.counter, watermarks=self.watermarks,
@@ -128,24 +130,27 @@ class NodeDaemon:
         if self.options.metrics_port is not None:
             self.metrics = NodeMetrics(lambda: self.last_status, self._transport_counts)
 
-    # ------------------------------------------------------------ inputs from other threads
+    # ------------------------------------------------------------ inputs (MQTT: inside link.pump on the loop)
 
     def _on_mqtt(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic.startswith(f"{self.topics.root}/node/{self.name}/raft/"):
             self.transport.handle(topic, payload)
         else:
-            self.inbox.put(("mqtt", topic, payload, retained))
+            self.inbox.append(("mqtt", topic, payload, retained))
 
     def _on_batch(self, sender: str, messages: list[Message], extras: dict[str, Any]) -> None:
-        self.inbox.put(("batch", sender, messages, extras))
+        self.inbox.append(("batch", sender, messages, extras))
 
     def call(self, function: Callable[[], Any]) -> None:
         """Run `function` on the loop's thread (the only thread allowed to touch the core)."""
-        self.inbox.put(("call", function))
+        self.inbox.append(("call", function))
+        self.link.wake()
 
     def stop(self) -> None:
+        """Safe from any thread and from signal handlers."""
         self.stopping.set()
-        self.inbox.put(("stop",))
+        self.inbox.append(("stop",))
+        self.link.wake()
 
     # ------------------------------------------------------------ the loop
 
@@ -162,19 +167,16 @@ class NodeDaemon:
         next_tick = time.monotonic()
         try:
             while not self.stopping.is_set():
-                timeout = max(0.0, next_tick - time.monotonic())
-                try:
-                    item = self.inbox.get(timeout=timeout)
-                except queue.Empty:
-                    item = None
-                if item is not None:
+                # Wait for the broker (or call()/stop()) until the next tick is due; the callbacks run
+                # in here, on this thread, and queue what arrived.
+                self.link.pump(0.0 if self.inbox else max(0.0, next_tick - time.monotonic()))
+                # Drain what is waiting before handling Ready: one fsync for the whole batch.
+                for _ in range(1001):
+                    try:
+                        item = self.inbox.popleft()
+                    except IndexError:
+                        break
                     self._handle(item)
-                    # Drain what else is waiting before handling Ready: one fsync for the whole batch.
-                    for _ in range(1000):
-                        try:
-                            self._handle(self.inbox.get_nowait())
-                        except queue.Empty:
-                            break
                 self.applier.after_input(self)
                 now = time.monotonic()
                 if now >= next_tick:
@@ -189,6 +191,9 @@ class NodeDaemon:
                         next_tick = now + self.options.tick_seconds
                 self.process_ready()
         finally:
+            close = getattr(self.applier, "close", None)
+            if close is not None:
+                close()  # the orchestrator's worker thread; instances keep running (they outlive us)
             self.link.stop()
             self.storage.close()
             self.watermarks.close()

@@ -2,8 +2,18 @@
 
 It connects with a member's identity (username = member name, password derived from its key),
 reconnects with back-off when the broker goes away, re-subscribes after every reconnect, and hands
-incoming messages to a callback on paho's network thread. Everything here speaks MQTT 3.1.1, so it
-works the same against the embedded amqtt broker and mosquitto (DESIGN.md §5, §8).
+incoming messages to a callback. Everything here speaks MQTT 3.1.1, so it works the same against the
+embedded amqtt broker and mosquitto (DESIGN.md §5, §8).
+
+Two ways to drive it:
+
+* threaded (the default, for clients: the proposer, the bench client, `tomq status`): paho's network
+  thread reads, writes and reconnects; callbacks run on that thread.
+* `threaded=False` (the node daemon): no second thread. The owner's loop calls `pump(timeout)`,
+  which polls paho's socket and a wake-up socket, reads, writes, sends keepalive pings and
+  reconnects; callbacks run inside `pump`, and `publish` writes on the calling thread. Every call
+  except `wake()` must then come from that one thread. This is the aiomqtt way of driving paho, with
+  poll() instead of asyncio, and it saves two thread hand-offs per message each way.
 
 It never interprets payloads; paho exceptions are translated into `BrokerUnavailable`.
 """
@@ -11,7 +21,9 @@ It never interprets payloads; paho exceptions are translated into `BrokerUnavail
 from __future__ import annotations
 
 import logging
+import math
 import os
+import select
 import socket
 import threading
 import time
@@ -21,11 +33,18 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tomq.errors import TomqError
+from tomq.errors import TomqError, UsageError
 
 log = logging.getLogger("tomq.mqtt")
 
 MessageHandler = Callable[[str, bytes, bool], None]  # topic, payload, retained
+
+KEEPALIVE_SECONDS = 10
+RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY = 1, 4  # seconds, doubling; reset after a broker accepts us
+# In non-threaded mode a TCP connect blocks the owner's loop. A refused connect (the broker is down,
+# its host is up) returns at once; this bounds the black-holed case (host gone, SYNs dropped).
+PUMP_CONNECT_TIMEOUT = 1.0
+PUMP_MAX_PACKETS = 1000  # packets read per pump: the caller handles a batch, then comes back
 
 
 class BrokerUnavailable(TomqError):
@@ -43,8 +62,10 @@ class MqttLink:
         client_id: str | None = None,
         on_message: MessageHandler | None = None,
         will: tuple[str, bytes, bool] | None = None,  # topic, payload, retain
+        threaded: bool = True,
     ) -> None:
         self.host, self.port, self.username = host, port, username
+        self.threaded = threaded
         self._subscriptions: dict[str, int] = {}
         self._connected = threading.Event()
         self._lock = threading.Lock()
@@ -61,32 +82,71 @@ class MqttLink:
         # Raft traffic is many small messages: lift paho's default caps so bursts are not queued in Python.
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=4)
+        self.client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY, max_delay=RECONNECT_MAX_DELAY)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=will[2])
         self.client.on_socket_open = _no_delay
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        # Non-threaded mode only: the wake-up socket pair, and when to try the broker next.
+        self._wake_reader: socket.socket | None = None
+        self._wake_writer: socket.socket | None = None
+        self._stopped = False
+        self._next_attempt: float | None = None  # monotonic time of the next connect attempt
+        self._reconnect_delay: float | None = None  # the wait before the attempt after that
+        if not threaded:
+            self._wake_reader, self._wake_writer = socket.socketpair()
+            self._wake_reader.setblocking(False)
+            self._wake_writer.setblocking(False)
+            self.client.connect_timeout = PUMP_CONNECT_TIMEOUT
 
     def start(self, timeout: float = 10.0) -> None:
-        """Connect (retrying while the broker is not up yet) and start paho's network thread."""
+        """Connect, retrying while the broker is not up yet; raise `BrokerUnavailable` after `timeout`.
+
+        Threaded: then paho's network thread runs. Non-threaded: this pumps until the broker has
+        accepted us (callbacks may already run), and the owner calls `pump` from then on.
+        """
         try:
-            self.client.connect_async(self.host, self.port, keepalive=10)
+            self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_SECONDS)
         except (OSError, ValueError) as exc:
             raise BrokerUnavailable(f"cannot reach broker {self.host}:{self.port}: {exc}") from None
-        self.client.loop_start()
-        if not self._connected.wait(timeout):
+        if self.threaded:
+            self.client.loop_start()
+            accepted = self._connected.wait(timeout)
+        else:
+            self._next_attempt = time.monotonic()  # the first attempt at once, later ones with back-off
+            accepted = self.wait_connected(timeout)
+        if not accepted:
             reason = self.refusal or "no answer"
             self.stop()
             raise BrokerUnavailable(f"broker {self.host}:{self.port} did not accept {self.username} "
                                     f"within {timeout:.0f} s ({reason})")
 
     def stop(self) -> None:
+        if self.threaded:
+            try:
+                self.client.disconnect()
+            finally:
+                self.client.loop_stop()
+            return
+        if self._stopped:
+            return
+        self._stopped = True
+        client = self.client
         try:
-            self.client.disconnect()
+            client.disconnect()  # writes DISCONNECT now (we are the only thread) and closes the socket
+            # ...unless the socket's buffer is full: give what is queued a moment to go out.
+            deadline = time.monotonic() + 1.0
+            while (sock := client.socket()) is not None and client.want_write():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not _poll([(sock, select.POLLOUT)], remaining):
+                    break
+                client.loop_write()
         finally:
-            self.client.loop_stop()
+            for end in (self._wake_reader, self._wake_writer):
+                if end is not None:
+                    end.close()
 
     @property
     def connected(self) -> bool:
@@ -99,14 +159,120 @@ class MqttLink:
             self.client.subscribe(topic_filter, qos)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> bool:
-        """Publish; returns False (never raises) when the client is not connected right now."""
+        """Publish; returns False (never raises) when the client is not connected right now.
+
+        Non-threaded, the packet is written on the calling thread before this returns (what the
+        socket will not take now goes out from the next `pump`).
+        """
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == paho.MQTT_ERR_SUCCESS
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        if self.threaded:
+            return self._connected.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not self._connected.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.pump(min(remaining, 0.1))
+        return True
 
-    # paho callbacks run on paho's network thread.
+    # ------------------------------------------------------------ non-threaded mode
+
+    def wake(self) -> None:
+        """Make a `pump` waiting in another thread (or interrupted by a signal handler) return now.
+
+        Safe from any thread and from signal handlers: it never blocks and never raises.
+        """
+        writer = self._wake_writer
+        if writer is None:
+            raise UsageError("wake() is for a link made with threaded=False")
+        try:
+            writer.send(b"\0")
+        except OSError:
+            pass  # the buffer is full (a wake-up is pending anyway) or the link is stopped
+
+    def pump(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the broker or a `wake()`, handle what came, and return.
+
+        Reads up to PUMP_MAX_PACKETS packets (their callbacks run here), writes what is pending, sends
+        keepalive pings, and while disconnected tries the broker again with back-off (1, 2, 4, 4 ... s).
+        Returns early after a wake-up, when something was read, or after half the keepalive period;
+        never blocks much longer than `timeout` (a connect attempt can take up to PUMP_CONNECT_TIMEOUT
+        on a black-holed host).
+        """
+        if self._wake_reader is None:
+            raise UsageError("pump() is for a link made with threaded=False; this one has paho's thread")
+        if self._stopped:
+            time.sleep(max(0.0, timeout))
+            return
+        client = self.client
+        self._reconnect_if_due()
+        sock = client.socket()
+        wait = min(max(0.0, timeout), KEEPALIVE_SECONDS / 2)  # a long timeout must not starve the pings
+        watched: list[tuple[Any, int]] = [(self._wake_reader, select.POLLIN)]
+        if sock is None:
+            if self._next_attempt is not None:
+                wait = min(wait, max(0.0, self._next_attempt - time.monotonic()))
+        else:
+            if _pending(sock):
+                wait = 0.0
+            watched.append((sock, select.POLLIN | (select.POLLOUT if client.want_write() else 0)))
+        try:
+            events = _poll(watched, wait)
+        except (OSError, ValueError):  # the socket was closed under us: handled as a lost connection
+            events = {}
+        if self._wake_reader.fileno() in events:
+            try:
+                self._wake_reader.recv(4096)
+            except BlockingIOError:
+                pass
+        if sock is not None:
+            ready = events.get(sock.fileno(), 0)
+            if ready & ~select.POLLOUT or _pending(sock):  # data, or a hang-up/error loop_read will see
+                self._read(sock)
+            # Callbacks (on_connect's subscribes, QoS 1 acknowledgements) only queue their packets.
+            if client.socket() is sock and (ready & select.POLLOUT or client.want_write()):
+                client.loop_write()
+            if client.socket() is sock:
+                client.loop_misc()  # keepalive ping; drops a connection that stopped answering
+        self._reconnect_if_due()
+
+    def _read(self, sock: Any) -> None:
+        client = self.client
+        for _ in range(PUMP_MAX_PACKETS):
+            # paho's loop_read reads one packet at a time here (no QoS>0 messages in flight).
+            if client.loop_read() != paho.MQTT_ERR_SUCCESS or client.socket() is not sock:
+                return
+            if not _readable_now(sock):
+                return
+
+    def _reconnect_if_due(self) -> None:
+        """While there is no socket: schedule the next attempt, or make it if it is due."""
+        if self._stopped or self.client.socket() is not None:
+            return
+        now = time.monotonic()
+        if self._next_attempt is None:  # the connection was just lost
+            self._next_attempt = now + self._next_delay()
+            return
+        if now < self._next_attempt:
+            return
+        self._next_attempt = None
+        try:
+            self.client.reconnect()  # the TCP connect, then CONNECT is written; CONNACK comes via pump
+        except (OSError, ValueError) as exc:
+            log.debug("%s cannot reach %s:%s: %s", self.username, self.host, self.port, exc)
+        if self.client.socket() is None:
+            self._next_attempt = time.monotonic() + self._next_delay()
+
+    def _next_delay(self) -> float:
+        delay = RECONNECT_MIN_DELAY if self._reconnect_delay is None else min(self._reconnect_delay * 2,
+                                                                             RECONNECT_MAX_DELAY)
+        self._reconnect_delay = delay
+        return delay
+
+    # paho callbacks run on paho's network thread (threaded) or inside pump (non-threaded).
 
     def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
@@ -114,6 +280,7 @@ class MqttLink:
             log.warning("broker %s:%s refused %s: %s", self.host, self.port, self.username, reason)
             return
         self.connects += 1
+        self._reconnect_delay = None
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, qos in subscriptions:
@@ -131,8 +298,26 @@ class MqttLink:
         if self.on_message is not None:
             try:
                 self.on_message(message.topic, bytes(message.payload), bool(message.retain))
-            except Exception:  # a handler bug must not kill paho's thread and with it the node's network
+            except Exception:  # a handler bug must not kill paho's thread (or the pump) and the node's network
                 log.exception("handler failed for a message on %s", message.topic)
+
+
+def _poll(watched: list[tuple[Any, int]], timeout: float) -> dict[int, int]:
+    """poll() the (socket, events) pairs for up to `timeout` s: {fd: events seen}. No FD_SETSIZE limit."""
+    poller = select.poll()
+    for sock, mask in watched:
+        poller.register(sock, mask)
+    return dict(poller.poll(math.ceil(timeout * 1000)))
+
+
+def _readable_now(sock: Any) -> bool:
+    return _pending(sock) or bool(_poll([(sock, select.POLLIN)], 0))
+
+
+def _pending(sock: Any) -> bool:
+    """Bytes a TLS socket has decrypted but not handed out yet: select() cannot see them."""
+    pending = getattr(sock, "pending", None)
+    return bool(pending()) if pending is not None else False
 
 
 def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
