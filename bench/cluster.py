@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,25 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+# Run as a script, bench/ is on sys.path, the repository is not: make bench.common importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    PYTHON,
+    Processes,
+    cpu_seconds,
+    cpu_shares,
+    free_port,
+    interrupted,
+    log,
+    log_tails,
+    median,
+    num,
+    percentile,
+    wait_for_port,
+    wait_until,
+    which,
+)
 from tomq import canonical, cluster
 from tomq.mqtt import MqttLink
 from tomq.node.cli import write_genesis
@@ -65,113 +83,12 @@ from tomq.node.status import collect
 from tomq.records import DATA, ID_CREATE, Identity, Provenance, Record
 from tomq.wire import seal
 
-PYTHON = sys.executable
-SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 ETCD_INSTALL = "apt-get install -y etcd-server etcd-client"
 STREAM_EVERY = 0.010  # seconds between records (or puts) streamed through a failover
 # Targets of issue 4.
 TARGET_LATENCY_RATIO = 3.0
 TARGET_THROUGHPUT = 3000.0
 TARGET_FAILOVER = 2.0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def which(program: str) -> str | None:
-    return shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def cpu_seconds(processes: dict[str, subprocess.Popen[bytes] | None]) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each process, and by this one as "client"."""
-    used = {"client": time.process_time()}
-    for name, process in processes.items():
-        if process is not None:
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()
-                used[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return used
-
-
-def cpu_shares(before: dict[str, float], after: dict[str, float], elapsed: float,
-               leader: str | None) -> dict[str, float]:
-    """Each process's CPU use over `elapsed` seconds, 1.0 being one core busy; the leader marked."""
-    return {(f"{name} (leader)" if name == leader else name): (used - before[name]) / elapsed
-            for name, used in after.items() if name in before}
-
-
-class Processes:
-    """Every process this bench started, and only those: each is stopped by its own handle."""
-
-    def __init__(self) -> None:
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.running.append(process)
-        return process
-
-    def kill(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait(10)
-        self.running.remove(process)
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        self.running.remove(process)
-
-    def stop_all(self) -> None:
-        for process in reversed(list(self.running)):
-            self.stop(process)
 
 
 # --------------------------------------------------------------------------- tomq: cluster and client
@@ -535,10 +452,9 @@ def bench_tomq(processes: Processes, broker: str, nodes: int, args: argparse.Nam
         log(f"  {result.label}: {result.notes[-1]}; the rest of this cluster is skipped")
         keep = True
     except Exception:
-        for name in running.names:
-            path = workdir / f"{name}.log"
-            if path.exists():
-                log(f"--- {name}.log (last lines)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+        tails = log_tails(workdir, running.names)
+        if tails:
+            log(tails)
         raise
     finally:
         if client is not None:
@@ -786,10 +702,6 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
 
-def num(value: float | None, fmt: str = ".0f") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
 def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
@@ -859,13 +771,9 @@ def print_table(results: list[TomqResult], etcd: EtcdResult | None, verify: floa
 # --------------------------------------------------------------------------- main
 
 
-def _interrupted(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @contextlib.contextmanager
 def stopped_at_exit(processes: Processes) -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _interrupted)
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         yield
     finally:

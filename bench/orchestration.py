@@ -48,18 +48,36 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Run as a script, bench/ is on sys.path, the repository is not: make bench.common importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    PYTHON,
+    Processes,
+    cpu_seconds,
+    cpu_shares,
+    free_port,
+    interrupted,
+    log,
+    log_tails,
+    median,
+    num,
+    percentile,
+    wait_for_port,
+    wait_until,
+    which,
+)
 from tomq import cluster
 from tomq.errors import EnvelopeRejected
 from tomq.identity import SigningKey
@@ -69,8 +87,6 @@ from tomq.node.orchestrator.requests import seal_deploy
 from tomq.node.orchestrator.spec import ServiceSpec, spec_from_map
 from tomq.wire import EnvelopeOpener, SequenceCounter
 
-PYTHON = sys.executable
-SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 PHASES = ("request_transfer", "election_network", "vote_processing", "registration", "choosing",
           "log_write", "consensus_network", "consensus_processing", "total", "unaccounted")
 # The phases that make up `total` (request received here -> decision committed); what they leave of
@@ -88,94 +104,7 @@ TARGET_SPEEDUP_NODES = 5
 TARGET_FLOOR_RATIO = 2.0  # on-demand within this factor of one election + one replication round trip
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def which(program: str) -> str | None:
-    return shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 # --------------------------------------------------------------------------- processes
-
-
-class Processes:
-    """Every process this bench started, and only those: each is stopped by its own handle."""
-
-    def __init__(self) -> None:
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.running.append(process)
-        return process
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        if process in self.running:
-            self.running.remove(process)
-
-    def stop_all(self) -> None:
-        for process in reversed(list(self.running)):
-            self.stop(process)
-
-
-def cpu_seconds(processes: dict[str, subprocess.Popen[bytes]]) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each live process, and by this one as "client"."""
-    used = {"client": time.process_time()}
-    for name, process in processes.items():
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()
-            used[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return used
-
-
-def cpu_shares(before: dict[str, float], after: dict[str, float], elapsed: float) -> dict[str, float]:
-    return {name: (used - before[name]) / elapsed for name, used in after.items() if name in before}
 
 
 def machine_busy_seconds() -> float:
@@ -293,13 +222,7 @@ class OrchCluster:
             self.processes.stop(self.broker)
 
     def log_tails(self, lines: int = 15) -> str:
-        out = []
-        for name in self.names:
-            path = self.workdir / f"{name}.log"
-            if path.exists():
-                out.append(f"--- {name}.log (last lines)\n"
-                           + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(out)
+        return log_tails(self.workdir, self.names, lines)
 
 
 # --------------------------------------------------------------------------- the client
@@ -788,10 +711,6 @@ def ms(seconds: float | None) -> str:
     return "lost" if math.isinf(seconds) else f"{seconds * 1000:.0f}"
 
 
-def num(value: float | None, fmt: str = ".0f") -> str:
-    return "-" if value is None else format(value, fmt)
-
-
 def ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b <= 0 or math.isinf(b):
         return "-"
@@ -926,10 +845,6 @@ def _sum(a: float | None, b: float | None) -> float | None:
 # --------------------------------------------------------------------------- main
 
 
-def _interrupted(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
     """Cleaning up: a second Ctrl-C must not leave half of it undone."""
@@ -944,7 +859,7 @@ def signals_held() -> Iterator[None]:
 @contextlib.contextmanager
 def cleaned_up(processes: Processes, cluster_names: list[str]) -> Iterator[None]:
     # SIGINT explicitly too: started in the background by a shell, a process inherits it ignored.
-    previous = {s: signal.signal(s, _interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

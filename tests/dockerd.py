@@ -32,13 +32,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import require
-from procs import which
+from procs import pid_alive, which
+from tomq.mqtt import wait_until
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
@@ -58,23 +59,6 @@ def availability() -> tuple[bool, str]:
     return True, ""
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
-
-
 def _processes_mentioning(text: str) -> dict[int, str]:
     """Live processes whose command line contains `text`: pid -> command line."""
     found: dict[int, str] = {}
@@ -86,7 +70,7 @@ def _processes_mentioning(text: str) -> dict[int, str]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if needle in argv and _alive(int(entry)):
+        if needle in argv and pid_alive(int(entry)):
             found[int(entry)] = argv.replace(b"\0", b" ").decode(errors="replace").strip()
     return found
 
@@ -116,7 +100,7 @@ class PrivateDockerd:
             # Its own session: a Ctrl-C to pytest must not reach dockerd before teardown does.
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        if not _wait(self._answers, START_TIMEOUT, 0.1) or self.process.poll() is not None:
+        if not wait_until(self._answers, START_TIMEOUT, 0.1) or self.process.poll() is not None:
             problem = (f"exited with {self.process.returncode}" if self.process.poll() is not None
                        else f"did not answer on {self.socket} within {START_TIMEOUT:.0f} s")
             tail = self.tail()
@@ -162,12 +146,12 @@ class PrivateDockerd:
                 problems.append(f"dockerd {self.process.pid} ignored SIGTERM for {STOP_TIMEOUT:.0f} s")
                 self.process.kill()
                 self.process.wait(10)
-        if not _wait(lambda: not self.ours(), 10):
+        if not wait_until(lambda: not self.ours(), 10, 0.05):
             for pid, argv in self.ours().items():
                 problems.append(f"killed leftover {pid}: {argv}")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            _wait(lambda: not self.ours(), 10)
+            wait_until(lambda: not self.ours(), 10, 0.05)
         for mount in self._mounts():
             subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)

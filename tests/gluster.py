@@ -41,7 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from procs import which
+from procs import pid_alive, which
+from tomq.mqtt import wait_until
 
 GLUSTER_COMMANDS = ("glusterd", "gluster", "glusterfs", "glusterfsd", "mount.glusterfs")
 PROCESS_NAMES = frozenset({"glusterd", "glusterfs", "glusterfsd"})
@@ -94,23 +95,6 @@ def mounted(path: Path) -> bool:
     target = str(path)
     with open("/proc/mounts") as mounts:
         return any(line.split()[1].replace("\\040", " ") == target for line in mounts)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")  # a zombie waits for init's reaping
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def _option(argv: tuple[str, ...], *names: str) -> str | None:
@@ -221,7 +205,7 @@ class GlusterVolume:
             self.created = True
             self.gluster("volume", "start", self.name)
             self.started = True
-            if not _wait(lambda: all(self.status().get(str(b), (False, None))[0] for b in self.bricks), 20, 0.2):
+            if not wait_until(lambda: all(self.status().get(str(b), (False, None))[0] for b in self.bricks), 20, 0.2):
                 raise GlusterError(f"bricks not online within 20 s: {self.status()}")
             self.timings["create+start"] = time.monotonic() - t
             self._record_processes()
@@ -279,7 +263,7 @@ class GlusterVolume:
                                    f"{self._glusterd_tail()}")
             return self.cli_socket.exists() and self.gluster("volume", "list", check=False, timeout=10).returncode == 0
 
-        if not _wait(ready, 20, 0.1):
+        if not wait_until(ready, 20, 0.1):
             raise GlusterError(f"glusterd did not answer on {self.cli_socket} within 20 s{self._glusterd_tail()}")
         self.timings["glusterd"] = time.monotonic() - t
 
@@ -288,7 +272,7 @@ class GlusterVolume:
         for key, (online, pid) in self.status().items():
             if key == "shd" and self.glusterd is None:
                 continue  # the self-heal daemon of somebody else's glusterd may serve other volumes too
-            if online and pid is not None and _alive(pid):
+            if online and pid is not None and pid_alive(pid):
                 for proc in gluster_processes().values():
                     if proc.pid == pid:
                         self.owned[pid] = proc
@@ -315,7 +299,7 @@ class GlusterVolume:
             except OSError:
                 return False
 
-        if not _wait(writable, 20, 0.2):
+        if not wait_until(writable, 20, 0.2):
             raise GlusterError(f"{self.mount} is not writable within 20 s")
 
     # ------------------------------------------------------------------ faults
@@ -323,16 +307,16 @@ class GlusterVolume:
     def kill_brick(self, index: int) -> int:
         """SIGKILL the brick process of brick `index`; return its pid once it is gone and glusterd says so."""
         pid = self.brick_pid(index)
-        if pid is None or not _alive(pid):
+        if pid is None or not pid_alive(pid):
             raise GlusterError(f"brick {index} ({self.bricks[index]}) is not online: {self.status()}")
         argv = " ".join(gluster_processes()[pid].argv)
         if str(self.bricks[index]) not in argv:  # never kill anything but that very brick
             raise GlusterError(f"pid {pid} is not brick {self.bricks[index]}: {argv}")
         os.kill(pid, signal.SIGKILL)
         self.killed.append(pid)
-        if not _wait(lambda: not _alive(pid), 10):
+        if not wait_until(lambda: not pid_alive(pid), 10, 0.1):
             raise GlusterError(f"brick pid {pid} still alive 10 s after SIGKILL")
-        if not _wait(lambda: not self.status().get(str(self.bricks[index]), (True, None))[0], 20, 0.2):
+        if not wait_until(lambda: not self.status().get(str(self.bricks[index]), (True, None))[0], 20, 0.2):
             raise GlusterError(f"glusterd still reports brick {index} online 20 s after SIGKILL: {self.status()}")
         return pid
 
@@ -364,15 +348,15 @@ class GlusterVolume:
             if self.glusterd is None or self.glusterd.poll() is None:
                 attempt("volume list", lambda: self._check_deleted())
         # Our bricks and FUSE client must be gone by now; anything left is killed, by pid, and reported.
-        if not _wait(lambda: not self._leftovers(), 10):
+        if not wait_until(lambda: not self._leftovers(), 10, 0.1):
             for pid, proc in self._leftovers().items():
                 problems.append(f"killed leftover {proc.name} {pid}: {' '.join(proc.argv)}")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            _wait(lambda: not self._leftovers(), 10)
+            wait_until(lambda: not self._leftovers(), 10, 0.1)
         if self.glusterd is not None:
             attempt("stop glusterd", self._stop_glusterd)
-        if not _wait(lambda: not self.ours(), 10):
+        if not wait_until(lambda: not self.ours(), 10, 0.1):
             problems.append(f"processes left: {self.ours()}")
         self._remove_outside_files()
         attempt("remove bricks", self._remove_bricks)
@@ -401,7 +385,7 @@ class GlusterVolume:
         if mounted(self.mount):
             raise GlusterError(f"{self.mount} is still mounted: {result.stderr.strip()}")
         self.is_mounted = False
-        if not _wait(lambda: not any(_alive(pid) for pid in client), 10):
+        if not wait_until(lambda: not any(pid_alive(pid) for pid in client), 10, 0.1):
             raise GlusterError(f"FUSE client {client} still running 10 s after unmount")
 
     def _check_deleted(self) -> None:

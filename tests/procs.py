@@ -46,6 +46,33 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, tim
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` is a running process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM `process` if it still runs, and SIGKILL it if it has not exited after `timeout` s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
+def kill_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL `process` if it still runs, and reap it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+
 class Mosquitto:
     """A real mosquitto running the cluster's policy: the files `tomq broker --mosquitto-conf` emits."""
 
@@ -77,13 +104,8 @@ class Mosquitto:
         wait_for_port(self.port, self.process)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            stop_process(self.process, 5)
         self.process = None
 
     def close(self) -> None:
@@ -136,19 +158,13 @@ class NodeProcess:
         self.process.send_signal(signum)
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
+        if self.process is not None:
+            kill_process(self.process)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+            stop_process(self.process)
 
     def tail(self, lines: int = 30) -> str:
         try:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from dockerd import dockerd, runtime_image
 
-from procs import free_port
+from procs import free_port, pid_alive
 from tomq.errors import UsageError
 from tomq.mqtt import wait_until
 from tomq.node.runtime.base import Instance, InstanceFailed, InstanceSpec, Runtime, RuntimeUnavailable
@@ -94,17 +94,9 @@ def runtimes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Runtime
         for instance in leftovers:
             runtime.stop(instance.service, instance.replica, timeout=1)
         assert runtime.list() == []
-        assert wait_until(lambda: not any(_alive(pid) for pid in pids), 10), f"still running: {pids}"
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), 10), f"still running: {pids}"
     finally:
         runtime.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 def _report(runtime: Runtime, service: str, replica: int = 0) -> dict[str, Any]:
@@ -153,7 +145,7 @@ def test_an_instance_runs_with_its_labels_environment_and_files(runtimes: Runtim
                              "TOMQ_INSTANCE_DIR": report["env"]["TOMQ_INSTANCE_DIR"]}
     # The monitor's pids: the instance's processes, the Python that reported among them.
     pids = runtime.pids()
-    assert instance.pid in pids and all(_alive(pid) for pid in pids)
+    assert instance.pid in pids and all(pid_alive(pid) for pid in pids)
     if runtimes.kind == "process":
         assert report["pid"] == instance.pid
     else:
@@ -187,7 +179,7 @@ def test_a_new_height_replaces_the_instance(runtimes: Runtimes) -> None:
     assert new.height == 4 and new.state == "running"
     assert [i.height for i in runtime.list()] == [4]
     assert _report(runtime, "analyser")["env"]["TOMQ_HEIGHT"] == "4"
-    assert wait_until(lambda: not _alive(old.pid or 0), 10)
+    assert wait_until(lambda: not pid_alive(old.pid or 0), 10)
 
 
 def test_on_failure_restarts_a_failing_command_with_back_off(runtimes: Runtimes) -> None:
@@ -230,9 +222,9 @@ def test_stop_removes_the_instance_and_its_processes(runtimes: Runtimes) -> None
 
     assert time.monotonic() - begun < 4, "SIGTERM should have been enough"
     assert runtime.list() == [] and runtime.pids() == []
-    assert wait_until(lambda: not any(_alive(p) for p in pids), 5)
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), 5)
     if runtimes.kind == "process":
-        assert not _alive(pid)
+        assert not pid_alive(pid)
     runtime.stop("sleeper", 0)  # absent: no error
     with pytest.raises(InstanceFailed, match="no instance sleeper/0"):
         runtime.logs("sleeper", 0)
@@ -309,11 +301,11 @@ def test_process_runtime_never_signals_a_reused_pid(tmp_path: Path) -> None:
             (found,) = after.list()
             assert (found.state, found.exit_code, found.pid) == ("exited", None, None)
             after.stop("s", 0, timeout=0.2)
-        assert _alive(stranger)
+        assert pid_alive(stranger)
     finally:
         os.kill(stranger, 9)
         os.waitpid(stranger, 0)
-        if instance.pid is not None and _alive(instance.pid):
+        if instance.pid is not None and pid_alive(instance.pid):
             os.kill(instance.pid, 9)
 
 
@@ -368,4 +360,4 @@ def test_process_runtime_adopts_what_a_node_launched_but_never_recorded(tmp_path
         assert [(i.state, i.pid) for i in after.list()] == [("running", instance.pid)]
         assert after.start(spec).pid == instance.pid  # adopted, not launched again
         after.stop("s", 0, timeout=1)
-        assert instance.pid is not None and not _alive(instance.pid)
+        assert instance.pid is not None and not pid_alive(instance.pid)

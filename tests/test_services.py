@@ -19,11 +19,10 @@ import collections
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,13 @@ from ledger_cluster import LedgerCluster, join_with_certificate
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import require
-from procs import PYTHON, which
+from procs import PYTHON, kill_process, stop_process, which
 from tomq import canonical, cluster
 from tomq import certificate as certificates
 from tomq.certificate import TrustStore
 from tomq.errors import BadSignature, MalformedEnvelope, ReplayedEnvelope, UnknownSender
 from tomq.identity import SigningKey
+from tomq.mqtt import wait_until
 from tomq.node.ledger.block import decode_block_file
 from tomq.node.services.analyser import Sample, statistics, summarise
 from tomq.node.services.committed import block_records
@@ -58,15 +58,6 @@ from tomq.wire import EnvelopeOpener, seal
 
 SENSORS = ["s1", "s2", "s3", "s4", "s5", "s6"]  # s1-s4 join at start, s5 late, s6 never
 SERVICES = ["collector", "analyser"]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 # ------------------------------------------------------------------------------------------ pure parts
@@ -182,7 +173,7 @@ class ServiceProcess:
 
     def wait_ready(self, timeout: float = 20) -> None:
         """Until the broker holds its subscriptions: readings published before that have no session."""
-        assert wait_until(lambda: "subscribed (session" in self.log() or not self.alive(), timeout), self.log()
+        assert wait_until(lambda: "subscribed (session" in self.log() or not self.alive(), timeout, 0.05), self.log()
         assert self.alive(), self.log()
 
     def alive(self) -> bool:
@@ -192,19 +183,11 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> int | None:
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
         return self.process.returncode
 
     def kill(self) -> None:
-        if self.alive():
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
+        kill_process(self.process)
 
 
 class Client:
@@ -405,10 +388,10 @@ def test_collector_records_each_good_reading_once_and_refuses_the_bad(site):
     bad["unknown"] = sensors["s6"].reading(1.0)  # a certified sensor that never joined
     sensors["s6"].publish("dev/s6/data", bad["unknown"])
 
-    assert wait_until(lambda: set(good) <= {o["data"] for o in watcher.outputs("collector")}, 30), collector.log()
+    assert wait_until(lambda: set(good) <= {o["data"] for o in watcher.outputs("collector")}, 30, 0.05), collector.log()
     assert first is not None
     sensors["s1"].publish("dev/s1/data", first)  # a replay of a recorded reading
-    assert wait_until(lambda: "UnknownDevice: s6" in collector.log(), 10), collector.log()  # held ~5 s first
+    assert wait_until(lambda: "UnknownDevice: s6" in collector.log(), 10, 0.05), collector.log()  # held ~5 s first
     time.sleep(1.0)
 
     records = [r for r in site.data_records() if r[2].receiver == "collect:collector"]
@@ -458,7 +441,7 @@ def test_a_killed_collector_loses_no_reading(site):
     first.wait_ready()
     started = time.monotonic()
     burst(150)
-    assert wait_until(lambda: {d for d, _ in sent} <= delivered(), 60), first.log()[-3000:]
+    assert wait_until(lambda: {d for d, _ in sent} <= delivered(), 60, 0.05), first.log()[-3000:]
     rate = len(sent) / (time.monotonic() - started)
 
     # Phase 2: SIGKILL in the middle of a burst; the next instance of replica 1 takes the session.
@@ -466,7 +449,9 @@ def test_a_killed_collector_loses_no_reading(site):
     thread = threading.Thread(target=burst, args=(150,))
     phase2_started = time.monotonic()
     thread.start()
-    time.sleep(0.4)
+    # Kill it as soon as it has recorded the first reading of the burst: mid-way, however fast or
+    # slow this machine is today (a fixed delay let a fast run finish the burst first).
+    assert wait_until(lambda: any(d in delivered() for d, _ in sent[phase2:]), 30, 0.005), first.log()[-3000:]
     first.kill()
     killed_at = time.monotonic()
     thread.join()
@@ -477,9 +462,9 @@ def test_a_killed_collector_loses_no_reading(site):
                            devices=names)
     missing_at_kill = [d for d, _ in sent[phase2:] if d not in at_kill]
     assert missing_at_kill, "the kill came after every reading was recorded: nothing tested"
-    assert wait_until(lambda: missing_at_kill[0] in delivered() or not second.alive(), 30)
+    assert wait_until(lambda: missing_at_kill[0] in delivered() or not second.alive(), 30, 0.05)
     pickup = time.monotonic() - restarted_at
-    assert wait_until(lambda: {d for d, _ in sent} <= delivered(), 60), second.log()[-3000:]
+    assert wait_until(lambda: {d for d, _ in sent} <= delivered(), 60, 0.05), second.log()[-3000:]
 
     def recorded() -> dict[str, int]:
         counts = count_by_data(site.data_records())
@@ -508,14 +493,14 @@ def test_a_placement_naming_another_node_fences_the_instance(site):
         running.wait_ready()
         wire = s1.reading(1.0)
         s1.publish("dev/s1/data", wire)
-        assert wait_until(lambda: reading_data_id(wire) in {o["data"] for o in watcher.outputs("collector")}, 20), \
+        assert wait_until(lambda: reading_data_id(wire) in {o["data"] for o in watcher.outputs("collector")}, 20, 0.05), \
             running.log()
         assert running.alive()  # its own placement does not stop it
 
         node.publish(placement, json.dumps({"service": "collector", "height": 31, "replicas": {
             "2": {"node": "n3", "height": 31}}}).encode(), retain=True)
         moved_at = time.monotonic()
-        assert wait_until(lambda: not running.alive(), 5), running.log()
+        assert wait_until(lambda: not running.alive(), 5, 0.05), running.log()
         assert running.process.returncode == 0
         assert "now runs on n3" in running.log()
         print(f"\nfenced instance exited {time.monotonic() - moved_at:.2f} s after the placement moved")
@@ -525,7 +510,7 @@ def test_a_placement_naming_another_node_fences_the_instance(site):
         s1.publish("dev/s1/data", after)
         successor = site.instance("collector", service="collector", replica=2, node="n3", height=31,
                                   inputs={"devices": ["s1"]}, devices=["s1"])
-        assert wait_until(lambda: reading_data_id(after) in {o["data"] for o in watcher.outputs("collector")}, 20), \
+        assert wait_until(lambda: reading_data_id(after) in {o["data"] for o in watcher.outputs("collector")}, 20, 0.05), \
             successor.log()
         assert successor.alive() and successor.stop() == 0
     finally:
@@ -559,7 +544,7 @@ def test_analyser_results_derive_from_collector_data(site):
     def used() -> set[str]:
         return {d for o in watcher.outputs("analyser") for d in o["derived_from"]}
 
-    assert wait_until(lambda: set(readings) <= used(), 40), (analyser.log()[-3000:], collector.log()[-2000:])
+    assert wait_until(lambda: set(readings) <= used(), 40, 0.05), (analyser.log()[-3000:], collector.log()[-2000:])
     time.sleep(1.0)  # certified blocks reach the shared directory one Raft round after the audit lines
     records = site.data_records()
     collected = {prov.data for _, _, prov in records if prov.receiver == "collect:collector"}

@@ -78,7 +78,7 @@ class RaftTransport:
                 self.sent_batches += 1
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Called from the MQTT thread for every message on our inbox."""
+        """Called for every message on our inbox (inside the daemon's `link.pump`, on its loop thread)."""
         try:
             parsed = parse(topic)
         except InvalidTopic as exc:
