@@ -725,7 +725,7 @@ def print_table(results: list[TomqResult], etcd: EtcdResult | None, verify: floa
     if etcd is not None:
         print(f"{'etcd 3 members (anchor)':<26}{ms(median(etcd.p50)):>9}{ms(median(etcd.p99)):>9}{'':>19}"
               f"{num(median(etcd.throughput)):>9}{'':>11}{num(median(etcd.failover), '.2f'):>12}")
-    print("  p50/p99: client-observed, publish -> audit line (commit + certificate); etcd: one put to the leader")
+    print("  p50/p99: client-observed, publish -> audit line (published by the leader at commit); etcd: one put to the leader")
     print("  leader: the leader's own proposal-received -> block-applied, from its status report")
     print(f"  per s: records (etcd: puts from {args.etcd_connections} connections) committed per second")
     print("  ceiling: raw verify rate / nodes, since every node verifies every record")
