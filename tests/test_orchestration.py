@@ -90,25 +90,30 @@ class OrchestratedCluster(LedgerCluster):
                             "tomq.node": env["TOMQ_NODE"], "tomq.height": env["TOMQ_HEIGHT"]})
         return out
 
-    def kill_instances(self) -> None:
-        """Stop every instance this cluster left (teardown: the nodes never stop them on exit)."""
+    def kill_instances(self, node: str | None = None) -> None:
+        """Kill this cluster's instances (on `node` only, if given): teardown, or a machine dying.
+
+        The nodes never stop their instances when they exit; instances outlive them, as on a real host.
+        """
         if self.runtime == "docker":
             import docker
 
             client = docker.DockerClient(base_url=self.docker_host)
             try:
                 for container in client.containers.list(all=True, filters={"label": f"tomq.cluster={self.cluster.name}"}):
-                    container.remove(force=True)
+                    if node is None or container.labels.get("tomq.node") == node:
+                        container.remove(force=True)
             finally:
                 client.close()
             return
+        wanted = [f"TOMQ_CLUSTER={self.cluster.name}".encode()] + ([f"TOMQ_NODE={node}".encode()] if node else [])
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
-                    environ = Path(f"/proc/{entry}/environ").read_bytes()
+                    environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
                 except OSError:
                     continue
-                if f"TOMQ_CLUSTER={self.cluster.name}".encode() in environ.split(b"\0"):
+                if all(item in environ for item in wanted):
                     try:
                         os.killpg(int(entry), 9)
                     except OSError:
@@ -244,9 +249,7 @@ def test_a_killed_node_s_replica_runs_elsewhere_within_5_s_and_never_twice(orche
     # A node's machine dying takes its instances with it; the node process alone dying would not.
     # Simulate the machine: kill what the victim ran, as its host going away would.
     killed_at = time.monotonic()
-    for labels in orchestrated._instance_labels():
-        if labels["tomq.node"] == victim:
-            orchestrated_kill_one(orchestrated, labels)
+    orchestrated.kill_instances(victim)
 
     def moved() -> bool:
         where = orchestrated.running().get(("analyser", 0))
@@ -268,32 +271,6 @@ def test_a_killed_node_s_replica_runs_elsewhere_within_5_s_and_never_twice(orche
     orchestrated.nodes[victim].start()
     time.sleep(4)
     assert orchestrated.running()[("analyser", 0)] == (new_node, new_height)
-
-
-def orchestrated_kill_one(running: OrchestratedCluster, labels: dict[str, str]) -> None:
-    if running.runtime == "docker":
-        import docker
-
-        client = docker.DockerClient(base_url=running.docker_host)
-        try:
-            for container in client.containers.list(filters={"label": f"tomq.node={labels['tomq.node']}"}):
-                if container.labels.get("tomq.cluster") == running.cluster.name:
-                    container.kill()
-        finally:
-            client.close()
-        return
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if (f"TOMQ_CLUSTER={running.cluster.name}".encode() in environ
-                    and f"TOMQ_NODE={labels['tomq.node']}".encode() in environ):
-                try:
-                    os.killpg(int(entry), 9)
-                except OSError:
-                    pass
 
 
 def test_a_node_that_comes_back_stops_what_was_moved_away(orchestrated: OrchestratedCluster, tmp_path: Path):

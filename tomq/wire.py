@@ -221,18 +221,8 @@ class EnvelopeOpener:
         `signature_checked=True` skips only the signature check, for bytes this process has already
         opened successfully (the ledger leader re-checks its own batches); every other check runs.
         """
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise MalformedEnvelope(f"envelope must be bytes, not {type(data).__name__}")
-        data = bytes(data)
-        if len(data) > self.max_bytes:
-            raise BodyTooLarge(f"envelope of {len(data)} bytes exceeds the limit of {self.max_bytes}")
-        signed, signature = _split(data)
-        fields = _fields(signed)
+        data, signed, signature, fields = _unpack(data, self.max_bytes, self.accepted_types)
         sender = fields["from"]
-        if fields["v"] != ENVELOPE_VERSION:
-            raise UnsupportedVersion(f"envelope version {fields['v']} is not {ENVELOPE_VERSION}", sender)
-        if fields["type"] not in self.accepted_types:
-            raise UnknownEnvelopeType(f"envelope type {fields['type'][:40]!r} is not accepted here", sender)
         certificate = self.trust.by_id(sender)
         if certificate is None:
             raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
@@ -262,6 +252,22 @@ def open_signed_by(data: bytes, key: PublicKey, *, name: str, accepted_types: fr
 
     The same checks as `EnvelopeOpener.open` except that the signer is fixed and has no validity window.
     """
+    data, signed, signature, fields = _unpack(data, max_bytes, accepted_types)
+    sender = fields["from"]
+    if sender != key.id:
+        raise UnknownSender(f"envelope signed by {sender}; only {name} ({key.id}) may send it", sender)
+    if len(signature) != SIGNATURE_BYTES or not key.verify(signature, signing_input(_DOMAIN, signed)):
+        raise BadSignature(f"signature of envelope {fields['seq']} from {name} does not verify", sender)
+    high_water = watermarks.get(sender)
+    if fields["seq"] <= high_water:
+        raise ReplayedEnvelope(f"envelope {fields['seq']} from {name} is not above its high-water mark {high_water}",
+                               sender)
+    watermarks.advance(sender, fields["seq"])
+    return Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature, data)
+
+
+def _unpack(data: Any, max_bytes: int, accepted_types: frozenset[str]) -> tuple[bytes, bytes, bytes, dict[str, Any]]:
+    """The checks every opener starts with: bytes, size, shape, version, type. Signature not yet checked."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedEnvelope(f"envelope must be bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -274,16 +280,7 @@ def open_signed_by(data: bytes, key: PublicKey, *, name: str, accepted_types: fr
         raise UnsupportedVersion(f"envelope version {fields['v']} is not {ENVELOPE_VERSION}", sender)
     if fields["type"] not in accepted_types:
         raise UnknownEnvelopeType(f"envelope type {fields['type'][:40]!r} is not accepted here", sender)
-    if sender != key.id:
-        raise UnknownSender(f"envelope signed by {sender}; only {name} ({key.id}) may send it", sender)
-    if len(signature) != SIGNATURE_BYTES or not key.verify(signature, signing_input(_DOMAIN, signed)):
-        raise BadSignature(f"signature of envelope {fields['seq']} from {name} does not verify", sender)
-    high_water = watermarks.get(sender)
-    if fields["seq"] <= high_water:
-        raise ReplayedEnvelope(f"envelope {fields['seq']} from {name} is not above its high-water mark {high_water}",
-                               sender)
-    watermarks.advance(sender, fields["seq"])
-    return Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature, data)
+    return data, signed, signature, fields
 
 
 def _split(data: bytes) -> tuple[bytes, bytes]:
