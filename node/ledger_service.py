@@ -433,11 +433,9 @@ class LedgerService:
     def _notify(self, height: int, block_file: BlockFile) -> None:
         """Tell the listeners what a block holds; learn the certificates its join records carry."""
         applied = []
-        for envelope in block_file.block.records:
-            fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
-            signer = self.verifier.trust.by_id(fields["from"])
-            record = records.from_map(fields["body"])  # the verifier accepted it, so it parses
-            applied.append(AppliedRecord(height, record, signer.name if signer is not None else "?"))
+        # The verifier has just decoded and checked these records (it is always called right before).
+        for record, signer in self.verifier.last_records:
+            applied.append(AppliedRecord(height, record, signer))
             structure = record.structure
             if (record.state == records.ID_CREATE and isinstance(structure, records.Identity)
                     and structure.kind != "container" and self.node.trust.by_name(structure.object) is None):

@@ -122,7 +122,7 @@ def validate(record: Record) -> None:
         raise InvalidRecord("record time must be a non-negative integer of milliseconds")
     if not isinstance(record.attributes, dict) or not all(isinstance(k, str) for k in record.attributes):
         raise InvalidRecord("record attributes must be a map with text keys")
-    if len(canonical.encode(record.attributes)) > _MAX_ATTRS_BYTES:
+    if record.attributes and len(canonical.encode(record.attributes)) > _MAX_ATTRS_BYTES:
         raise InvalidRecord(f"record attributes exceed {_MAX_ATTRS_BYTES} bytes; keep payloads off-chain")
     if isinstance(structure, Identity):
         _check_name(structure.object, "identity object")

@@ -56,7 +56,7 @@ from tomq.node.ledger.block import (
     verify_commit_signature,
 )
 from tomq.node.ledger.pattern import IllegalTransition, PatternState
-from tomq.records import ID_CREATE, Identity
+from tomq.records import ID_CREATE, Identity, Record
 from tomq.wire import EnvelopeOpener
 
 # The certificate role an IDENTITY kind must be backed by. Containers are absent: their id-proof is
@@ -189,6 +189,8 @@ class ChainVerifier:
         self.checked_envelopes: set[bytes] = set()
         self._trust_checkpoint: tuple[dict[str, Certificate], dict[str, Certificate], str] | None = None
         self._nodes_cache: tuple[str, ...] | None = None
+        # The records of the block the last successful `add` checked, with their signers' names.
+        self.last_records: list[tuple[Record, str]] = []
 
     def add(self, height: int, data: bytes, *, require_certificate: bool = True) -> BlockFile:
         """Check the block file `data` found at `height`; return it decoded, or raise LedgerInvalid.
@@ -291,8 +293,10 @@ class ChainVerifier:
         state = self.state
         counts: Counter[str] = Counter()
         changed_identities: list[Identity] = []
+        applied: list[tuple[Record, str]] = []
         for index, envelope_bytes in enumerate(block.records):
-            state = self._apply_record(height, index, envelope_bytes, now, state, counts, changed_identities)
+            state = self._apply_record(height, index, envelope_bytes, now, state, counts, changed_identities, applied)
+        self.last_records = applied  # what the block's records said and who signed each: for the caller
         if any(identity.kind == "node" for identity in changed_identities):
             self._nodes_cache = None
         self.state = state
@@ -320,8 +324,9 @@ class ChainVerifier:
                 signers[cert.subject_id] = _Signer(name, cert)
         return signers
 
-    def _apply_record(self, height: int, index: int, envelope_bytes: bytes, now: float,
-                      state: PatternState, counts: Counter[str], changed_identities: list[Identity]) -> PatternState:
+    def _apply_record(self, height: int, index: int, envelope_bytes: bytes, now: float, state: PatternState,
+                      counts: Counter[str], changed_identities: list[Identity],
+                      applied: list[tuple[Record, str]]) -> PatternState:
         def fail(reason: str) -> LedgerInvalid:
             return LedgerInvalid(height, f"record {index}: {reason}")
 
@@ -353,6 +358,7 @@ class ChainVerifier:
         counts[record.state] += 1
         if isinstance(record.structure, Identity):
             changed_identities.append(record.structure)
+        applied.append((record, sender.name))
         return state
 
     def _identity_proof(self, identity: Identity, now: float, fail: Callable[[str], LedgerInvalid]) -> bytes | None:
