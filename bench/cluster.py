@@ -81,7 +81,7 @@ from tomq.node.cli import write_genesis
 from tomq.node.ledger.block import decode_block_file
 from tomq.node.status import collect
 from tomq.records import DATA, ID_CREATE, Identity, Provenance, Record
-from tomq.wire import seal
+from tomq.wire import ClockSequence, seal
 
 ETCD_INSTALL = "apt-get install -y etcd-server etcd-client"
 STREAM_EVERY = 0.010  # seconds between records (or puts) streamed through a failover
@@ -120,7 +120,7 @@ class Client:
         self.maps: dict[int, dict[str, Any]] = {}  # seq -> the record map sealed under it
         self.first_seq: dict[int, int] = {}  # seq of a re-proposal -> seq of the first proposal
         self.changed = threading.Condition()
-        self.seq = int(time.time() * 1_000_000)  # above anything an earlier client under n1 used
+        self.sequence = ClockSequence()  # above anything an earlier client under n1 used
         self.readings = 0
         self.reproposed = 0  # records proposed again because their commit did not show up
         self.link = MqttLink(host="127.0.0.1", port=loaded.broker_port, username="n1",
@@ -141,9 +141,9 @@ class Client:
                 self.changed.notify_all()
 
     def seal(self, record_map: dict[str, Any]) -> tuple[bytes, int]:
-        self.seq += 1
-        self.maps[self.seq] = record_map
-        return seal(self.key, seq=self.seq, time_ms=int(time.time() * 1000), type="record", body=record_map), self.seq
+        seq = self.sequence.next()
+        self.maps[seq] = record_map
+        return seal(self.key, seq=seq, time_ms=int(time.time() * 1000), type="record", body=record_map), seq
 
     def propose_again(self, seq: int) -> None:
         """Propose the record first sealed as `seq` again, under a new sequence number: the leader

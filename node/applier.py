@@ -68,7 +68,7 @@ class NodeApplier:
     def load_report(self) -> dict[str, Any]:
         return self.orchestrator.load_report()
 
-    def load_score(self) -> float:
+    def load_score(self) -> float | None:
         return self.orchestrator.load_score()
 
     def close(self) -> None:

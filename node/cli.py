@@ -16,7 +16,7 @@ from tomq import canonical, cluster, records
 from tomq.errors import ConfigError, PeerError, UsageError
 from tomq.mqtt import MqttLink
 from tomq.node.ledger.block import decode_block_file
-from tomq.wire import seal
+from tomq.wire import ClockSequence, seal
 
 
 def register(commands: Any) -> None:
@@ -172,8 +172,7 @@ class Proposer:
         self._changed = threading.Condition()
         self.cluster, self.name, self.link = _link(directory, as_name, self._on_message)
         self.key = self.cluster.signing_key(self.name)
-        # Microseconds since the epoch: successive proposers under one identity keep increasing.
-        self._seq = int(time.time() * 1_000_000)
+        self._sequence = ClockSequence()  # successive proposers under one identity keep increasing
         self.link.subscribe(f"{self.cluster.topics.root}/ledger/block/+", qos=1)
         self.link.subscribe(f"{self.cluster.topics.root}/audit/#")
         self.link.start()
@@ -209,9 +208,9 @@ class Proposer:
 
     def seal(self, record_map: dict[str, Any]) -> tuple[bytes, int]:
         records.from_map(record_map)  # refuse a malformed record before anything is sent
-        self._seq += 1
-        wire = seal(self.key, seq=self._seq, time_ms=int(time.time() * 1000), type="record", body=record_map)
-        return wire, self._seq
+        seq = self._sequence.next()
+        wire = seal(self.key, seq=seq, time_ms=int(time.time() * 1000), type="record", body=record_map)
+        return wire, seq
 
     def propose(self, wire: bytes) -> None:
         self.link.publish(self.cluster.topics.ledger_propose(), wire, qos=1)

@@ -57,6 +57,14 @@ class Applier(Protocol):
 
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None: ...
 
+    def status(self) -> dict[str, Any]: ...  # merged into the node's status report
+
+    def load_report(self) -> dict[str, Any]: ...  # merged into the node's load report (node/<id>/load)
+
+    def load_score(self) -> float | None: ...  # the load votes carry; None: the machine's load average
+
+    def close(self) -> None: ...  # the node is stopping
+
 
 @dataclass
 class NodeOptions:
@@ -191,9 +199,7 @@ class NodeDaemon:
                         next_tick = now + self.options.tick_seconds
                 self.process_ready()
         finally:
-            close = getattr(self.applier, "close", None)
-            if close is not None:
-                close()  # the orchestrator's worker thread; instances keep running (they outlive us)
+            self.applier.close()  # e.g. the orchestrator's worker thread; instances outlive the node
             self.link.stop()
             self.storage.close()
             self.watermarks.close()
@@ -307,7 +313,7 @@ class NodeDaemon:
         status["uptime"] = round(time.time() - self.started, 1)
         status["rejected"] = dict(self.transport.rejected)
         status["load"] = round(self.raft.load, 4)
-        status.update(self.applier.status() if hasattr(self.applier, "status") else {})
+        status.update(self.applier.status())
         return status
 
     def _transport_counts(self) -> dict[str, int]:
@@ -316,13 +322,12 @@ class NodeDaemon:
 
     def _report_load(self) -> None:
         """Publish our load and Raft view (retained): peers use the load, `tomq status` shows the rest."""
-        extra = getattr(self.applier, "load_report", None)
-        details: dict[str, Any] = extra() if extra is not None else {}
-        score = getattr(self.applier, "load_score", None)
         # The load that votes and heartbeats carry (on-demand mode chooses by it): the orchestrator's
         # monitor of this node's own processes and instances when there is one, else the machine's.
-        self.raft.set_load(score() if score is not None else load_average())
-        report = {**details, "load": self.raft.load, "status": self.last_status, "time_ms": int(time.time() * 1000)}
+        score = self.applier.load_score()
+        self.raft.set_load(score if score is not None else load_average())
+        report = {**self.applier.load_report(), "load": self.raft.load, "status": self.last_status,
+                  "time_ms": int(time.time() * 1000)}
         self.link.publish(self.topics.node_load(self.name), self.sealed("load", report), retain=True)
 
     def _on_load_report(self, topic: str, payload: bytes) -> None:

@@ -51,6 +51,18 @@ class AppendToFile:
     def on_extras(self, sender: str, extras: dict[str, Any]) -> None:
         pass
 
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def load_report(self) -> dict[str, Any]:
+        return {}
+
+    def load_score(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic.endswith("/ledger/propose") and self.node.raft.role is Role.LEADER:
             self.node.propose(payload)

@@ -18,7 +18,7 @@ from tomq.errors import (
     UnsupportedVersion,
 )
 from tomq.identity import signing_input
-from tomq.wire import ENVELOPE_TYPES, EnvelopeOpener, FileWatermarks, SequenceCounter, seal
+from tomq.wire import ENVELOPE_TYPES, ClockSequence, EnvelopeOpener, FileWatermarks, SequenceCounter, seal
 
 SENSOR = key("s1")
 OTHER = key("s2")
@@ -215,6 +215,14 @@ def test_sequence_counter_never_repeats_across_restarts(tmp_path):
     path.write_text("garbage")
     with pytest.raises(ConfigError, match="damaged"):
         SequenceCounter(path)
+
+
+def test_clock_sequences_rise_within_a_process_and_start_above_an_earlier_one():
+    clock = iter([1000, 1000, 999, 5000])
+    first = ClockSequence(lambda: next(clock))
+    assert [first.next(), first.next(), first.next()] == [1000, 1001, 1002]  # a stalled or stepped-back clock
+    later = ClockSequence()  # a process started later: the real clock is far above these
+    assert later.next() > first.last
 
 
 def test_size_limit_is_configurable():

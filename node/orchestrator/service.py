@@ -56,7 +56,7 @@ from tomq.node.orchestrator.timings import PlacementTiming
 from tomq.node.raft.core import Role
 from tomq.node.runtime.base import Instance, InstanceSpec, Runtime
 from tomq.records import ID_CREATE, ID_DELETE, ORCH, Identity, Orchestrate, Record
-from tomq.wire import FileWatermarks, seal
+from tomq.wire import ClockSequence, FileWatermarks, seal
 
 if TYPE_CHECKING:
     from tomq.node.daemon import NodeDaemon
@@ -128,7 +128,7 @@ class Orchestrator:
         self.published: dict[str, str] = {}  # service -> placement document last published retained
         self.was_leader = False
         self.dirty = True  # the state changed since the last reconcile
-        self._record_seq = 0
+        self.record_sequence = ClockSequence()
         self.caught_up = False
         self.last_lead = 0.0
         self.catch_up_to: int | None = None
@@ -192,7 +192,7 @@ class Orchestrator:
         """Whether a leader must stay: requests not carried out, records on their way, replicas unplaced."""
         if self.requests or self.plan_in_flight or self.outstanding.by_id:
             return True
-        return any(len(self.state.table.of_service(name)) < spec.replicas for name, spec in self.state.specs.items())
+        return not self.state.fully_placed()
 
     def _on_worker_report(self, instances: list[Instance], problems: list[str], pids: list[int]) -> None:
         def handle() -> None:
@@ -216,9 +216,8 @@ class Orchestrator:
         for record in self.outstanding.expired(now):
             if self._still_wanted(record):
                 self._propose(record)
-        self.after_input()
         if now - self.last_reconcile > 1.0:
-            self.dirty = True
+            self.dirty = True  # acted on by the after_input that follows every loop iteration
 
     def after_input(self) -> None:
         ledger = self.ledger
@@ -276,8 +275,23 @@ class Orchestrator:
             self.plan_in_flight = round_ids
             self.plan_started = now
 
+    def _request_done(self, pending: _Pending) -> bool:
+        """Whether the committed state shows a request carried out (every node asks; no side effects)."""
+        request = pending.request
+        joined = self.state.specs.get(request.service)
+        if request.op == "remove":
+            return joined is None
+        if request.op == "move":
+            current = self.state.table.get(request.service, request.replica)
+            return (joined is None or current is None or current.height > pending.baseline
+                    or current.node == request.to)
+        # Registered is not deployed: a deployment is done once every replica has a committed placement
+        # (until then it keeps its timing and, in on-demand mode, the leader it needs).
+        assert request.spec is not None
+        return joined == request.spec and len(self.state.table.of_service(request.service)) >= request.spec.replicas
+
     def _record_for_request(self, pending: _Pending, now: float) -> Record | None:
-        """The record that carries out a request, or None once the ledger shows it is done."""
+        """The record that carries out a request next (the leader's step), or None if none is due."""
         request = pending.request
         joined = self.state.specs.get(request.service)
         now_ms = int(now * 1000)
@@ -303,9 +317,7 @@ class Orchestrator:
         request = pending.request
         spec = self.state.specs.get(request.service)
         current = self.state.table.get(request.service, request.replica)
-        if spec is None or current is None or current.height > pending.baseline:
-            return None  # nothing to move, or it has been placed since the request: done
-        if current.node == request.to:
+        if spec is None or current is None or self._request_done(pending):
             return None
         views = [dataclasses.replace(v, alive=False) if v.name == current.node or (request.to and v.name != request.to)
                  else v for v in self.node_views(now)]
@@ -327,13 +339,7 @@ class Orchestrator:
 
     def _forget_done_requests(self, now: float) -> None:
         for digest, pending in list(self.requests.items()):
-            done = self._record_for_request(pending, now) is None
-            request = pending.request
-            if done and request.op == "deploy" and request.spec is not None:
-                # Registered is not deployed: keep it (its timing and, in on-demand mode, the leader
-                # it needs) until every replica has a committed placement.
-                done = len(self.state.table.of_service(request.service)) >= request.spec.replicas
-            if done or now - pending.received > REQUEST_KEEP_SECONDS:
+            if self._request_done(pending) or now - pending.received > REQUEST_KEEP_SECONDS:
                 del self.requests[digest]
 
     def _timing_for(self, action: Place, planning: float, now: float) -> PlacementTiming:
@@ -506,12 +512,9 @@ class Orchestrator:
         if ledger is None:
             return
         self.outstanding.add(record, time.time())
-        # The ledger takes a proposer's records only in rising sequence order, and operator tools may
-        # propose as this node too (`tomq ledger propose --as`): microseconds since the epoch keep every
-        # process that signs as this node rising together, as tomq.node.cli.Proposer does.
-        self._record_seq = max(self._record_seq + 1, int(time.time() * 1_000_000))
-        ledger.submit(seal(self.node.key, seq=self._record_seq, time_ms=int(time.time() * 1000), type="record",
-                           body=record.to_map()))
+        # Operator tools may propose as this node too (`tomq ledger propose --as`): see ClockSequence.
+        ledger.submit(seal(self.node.key, seq=self.record_sequence.next(), time_ms=int(time.time() * 1000),
+                           type="record", body=record.to_map()))
 
     def _still_wanted(self, record: Record) -> bool:
         """Whether a record that did not commit in time should be proposed again, unchanged."""

@@ -88,6 +88,7 @@ class OrchestrationState:
     height: int = -1  # last block folded in
     version: int = 0  # counts the records that changed anything here: a cheap "did it change?"
     skipped: list[str] = field(default_factory=list)  # why records were not applied (recent ones)
+    _fully_placed: tuple[int, bool] | None = None  # (version, answer): see fully_placed()
 
     def apply(self, applied: AppliedRecord) -> None:
         record, height = applied.record, applied.height
@@ -137,6 +138,17 @@ class OrchestrationState:
                 current = self.table.get(service, replica)
                 if current is not None and current.node == structure.location:
                     self.table.unassign(service, replica)
+
+    def fully_placed(self) -> bool:
+        """Whether every deployed replica has a placement. Asked after every input batch (on-demand
+        leaders hold on while it is False), so it is computed once per change of this state."""
+        if self._fully_placed is None or self._fully_placed[0] != self.version:
+            placed: dict[str, int] = {}
+            for assignment in self.table:
+                placed[assignment.service] = placed.get(assignment.service, 0) + 1
+            self._fully_placed = (self.version, all(placed.get(name, 0) >= spec.replicas
+                                                    for name, spec in self.specs.items()))
+        return self._fully_placed[1]
 
     def _skip(self, height: int, why: str) -> None:
         log.warning("orchestration skips the record at height %s: %s", height, why)

@@ -30,7 +30,7 @@ from tomq.node.ledger.block import Block
 from tomq.node.services.committed import block_records
 from tomq.records import DATA, Provenance, Record
 from tomq.topics import Topics
-from tomq.wire import seal
+from tomq.wire import ClockSequence, seal
 
 log = logging.getLogger("tomq.service")
 
@@ -66,8 +66,7 @@ class LedgerProposer:
         self.key = key
         self.topics = topics
         self._publish = publish
-        self._micros = micros
-        self._seq = 0
+        self._sequence = ClockSequence(micros)
         self._by_seq: dict[int, _Outstanding] = {}
         self._by_data: dict[str, _Outstanding] = {}
         self._pending: dict[int, _Outstanding] = {}  # id(entry) -> entry, not yet committed or given up
@@ -94,14 +93,13 @@ class LedgerProposer:
         self._send(entry, now)
 
     def _send(self, entry: _Outstanding, now: float) -> None:
-        # Never below the last seq we used, and above anything an earlier instance of this identity
-        # sealed (it started earlier, so its microsecond clock was behind ours).
-        self._seq = max(self._seq + 1, self._micros())
-        wire = seal(self.key, seq=self._seq, time_ms=int(now * 1000), type="record", body=entry.record.to_map())
-        entry.seqs.append(self._seq)
+        # Above anything an earlier instance of this identity sealed (see ClockSequence).
+        seq = self._sequence.next()
+        wire = seal(self.key, seq=seq, time_ms=int(now * 1000), type="record", body=entry.record.to_map())
+        entry.seqs.append(seq)
         entry.proposals += 1
         entry.last_sent = now
-        self._by_seq[self._seq] = entry
+        self._by_seq[seq] = entry
         self._publish(self.topics.ledger_propose(), wire, 1)
 
     def on_audit_line(self, line: Mapping[str, Any]) -> None:
