@@ -424,8 +424,27 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ every node: its own instances
 
+    def _caught_up(self) -> bool:
+        """Whether our view of the ledger is current enough to act on for this node's own instances.
+
+        Just started, we hold what we had committed before: a replica placed here then may have been
+        placed elsewhere while we were away. Until we have applied what the cluster had committed when
+        we first heard from a leader, we neither start or stop instances nor record containers.
+        """
+        if self.caught_up:
+            return True
+        raft = self.node.raft
+        if raft.leader is None:
+            return False
+        if self.catch_up_to is None:
+            self.catch_up_to = raft.log.committed
+        if raft.log.applied < self.catch_up_to:
+            return False
+        self.caught_up = self.dirty = True
+        return True
+
     def _reconcile_instances(self) -> None:
-        if self.worker is None:
+        if self.worker is None or not self._caught_up():
             return
         desired: dict[tuple[str, int], Desired] = {}
         for assignment in self.state.table.on_node(self.node.name):
@@ -471,17 +490,8 @@ class Orchestrator:
 
     def _record_containers(self) -> None:
         """Propose the container records that make the ledger match what runs here."""
-        raft = self.node.raft
-        if not self.caught_up:
-            # Just started: until we have applied what the cluster had committed when we first heard
-            # from a leader, our view of the ledger is old and its container records would be wrong.
-            if raft.leader is None:
-                return
-            if self.catch_up_to is None:
-                self.catch_up_to = raft.log.committed
-            if raft.log.applied < self.catch_up_to:
-                return
-            self.caught_up = True
+        if not self._caught_up():
+            return
         now_ms = int(time.time() * 1000)
         running = {container_name(i.service, i.replica, self.node.name, i.height): i
                    for i in self.instances if i.running}
