@@ -130,6 +130,8 @@ ILLEGAL = {
                                       "cannot place collector-0: location n2 has not joined"),
     "removal from a node that never joined": ([], orch("remove", "collector-0", "n9"), "n1",
                                               "cannot remove collector-0: location n9 has not joined"),
+    "the same command twice": ([(orch("command", "light:tl1:green", "tl1"), "n1")], orch("command", "light:tl1:green", "tl1"),
+                               "n2", "cannot command light:tl1:green: light:tl1:green has already been issued"),
     "command to an actuator that left": ([(leave("tl1"), "n1")], orch("command", "light:tl1:red", "tl1"), "n1",
                                          "cannot command light:tl1:red: location tl1 has not joined"),
     "an action no row handles": ([], orch("dance", "collector-0", "n1"), "n1",
@@ -235,12 +237,14 @@ def test_the_pattern_module_does_no_io():
 # --- A naive model: Table II written as plainly as possible, copying everything on every step -------
 
 class Naive:
-    def __init__(self, members: dict[str, tuple[str, str | None]] | None = None, left: frozenset[str] = frozenset()):
+    def __init__(self, members: dict[str, tuple[str, str | None]] | None = None, left: frozenset[str] = frozenset(),
+                 issued: frozenset[str] = frozenset()):
         self.members = dict(members or {})
         self.left = left
+        self.issued = issued
 
     def apply(self, record: Record, proposer: str) -> Naive:
-        members, left = dict(self.members), self.left
+        members, left, issued = dict(self.members), self.left, self.issued
         if proposer != OPERATOR and (proposer not in members or members[proposer][0] not in ("node", "service", "container")):
             raise ValueError
         s = record.structure
@@ -265,11 +269,13 @@ class Naive:
                 raise ValueError
             if s.action in ("place", "remove") and members.get(s.location, ("",))[0] != "node":
                 raise ValueError
-            if s.action == "command" and s.location not in members:
+            if s.action == "command" and (s.location not in members or s.deployed in issued):
                 raise ValueError
             if s.action not in ("execute", "place", "remove", "command"):
                 raise ValueError
-        return Naive(members, left)
+            if s.action == "command":
+                issued = issued | {s.deployed}
+        return Naive(members, left, issued)
 
 
 NAMES = st.sampled_from(["n1", "n2", "car7", "c0", "svc"])

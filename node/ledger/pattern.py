@@ -12,8 +12,9 @@ orchestrator take action A and store a record in state S (PROV-ID-create, PROV-I
 PROV-ORCH). `TABLE` below is that table, one `Row` per trigger, extended where the paper leaves tomq
 to decide: nodes, services and auditors join and leave like devices; a container joins attributed to
 a joined node (DESIGN §2); placements and actuator commands are PROV-ORCH records whose location must
-be a current member. Every row also requires that the proposer is the operator or a joined node,
-service or container, because devices and auditors do not propose records (DESIGN §3 ACL).
+be a current member, and each command id is issued once. Every row also requires that the proposer is
+the operator or a joined node, service or container, because devices and auditors do not propose
+records (DESIGN §3 ACL).
 
 Names: members are identified by their `IDENTITY.object` (a device's, node's or service's certificate
 name, a container's id); the caller passes the proposer by its certificate name, or `OPERATOR`.
@@ -68,11 +69,12 @@ class _History:
     and each `PatternState` reads it "as of" its own version, so old states never change.
     """
 
-    __slots__ = ("left_data", "members", "version")
+    __slots__ = ("issued", "left_data", "members", "version")
 
     def __init__(self) -> None:
         self.members: dict[str, list[tuple[int, Member | None]]] = {}
         self.left_data: dict[str, int] = {}
+        self.issued: dict[str, int] = {}  # actuator command id -> version at which it was recorded
         self.version = 0
 
     def member_at(self, name: str, version: int) -> Member | None:
@@ -88,6 +90,10 @@ class _History:
         left = self.left_data.get(data)
         return left is not None and left <= version
 
+    def issued_at(self, command: str, version: int) -> bool:
+        issued = self.issued.get(command)
+        return issued is not None and issued <= version
+
     def fork(self, version: int) -> _History:
         """A private copy of history up to `version`, for applying to a state that is not the newest."""
         copy = _History()
@@ -96,6 +102,7 @@ class _History:
             if kept:
                 copy.members[name] = kept
         copy.left_data = {data: at for data, at in self.left_data.items() if at <= version}
+        copy.issued = {command: at for command, at in self.issued.items() if at <= version}
         copy.version = version
         return copy
 
@@ -143,6 +150,10 @@ class PatternState:
             if member is not None and (kind is None or member.kind == kind):
                 out[name] = member
         return out
+
+    def has_issued(self, command: str) -> bool:
+        """Whether an actuator command with this id is already on the ledger."""
+        return self._history.issued_at(command, self._version)
 
     def left_data(self) -> frozenset[str]:
         return frozenset(d for d, at in self._history.left_data.items() if at <= self._version)
@@ -233,6 +244,14 @@ def location_joined(state: PatternState, record: Record) -> str | None:
     return None if state.joined(location) else f"location {location} has not joined"
 
 
+def command_not_issued(state: PatternState, record: Record) -> str | None:
+    # A command's id names the contract and the committed record that fired it, so this is what makes
+    # "a rule that would fire twice for one record fires once" hold on the ledger itself, whichever
+    # leader (or two leaders, across a failover) proposed it.
+    command = _orchestrate(record).deployed
+    return f"{command} has already been issued" if state.has_issued(command) else None
+
+
 def _is_joined_node(state: PatternState, name: str, what: str) -> str | None:
     member = state.member(name)
     if member is None:
@@ -261,8 +280,12 @@ def _data_leaves(history: _History, record: Record) -> None:
     history.left_data[_prov(record).data] = history.version
 
 
+def _command_issued(history: _History, record: Record) -> None:
+    history.issued[_orchestrate(record).deployed] = history.version
+
+
 def _no_change(history: _History, record: Record) -> None:
-    """Joining data to an activity, placing and commanding are recorded but change no membership."""
+    """Joining data to an activity and placing are recorded but change no membership."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +316,7 @@ TABLE: tuple[Row, ...] = (
     Row("join-data",       ORCH,      "execute",   (deployed_data_left,),                   "instruct activity (EXEC CONTRACT)", _no_change),
     Row("place",           ORCH,      "place",     (location_joined_node,),                 "place container on node",           _no_change),
     Row("remove",          ORCH,      "remove",    (location_joined_node,),                 "remove container from node",        _no_change),
-    Row("command",         ORCH,      "command",   (location_joined,),                      "command actuator",                  _no_change),
+    Row("command",         ORCH,      "command",   (location_joined, command_not_issued),   "command actuator",                  _command_issued),
 )
 
 _ROWS: dict[tuple[str, str | None], Row] = {(row.state, row.key): row for row in TABLE}
