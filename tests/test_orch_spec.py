@@ -35,7 +35,7 @@ FULL = textwrap.dedent("""
     replicas = 3
     restart = "always"
     env = { WINDOW = "60", UNIT = "C" }
-    contracts = [ { kind = "sla", latency_ms = 50, strict = true, tags = ["a", "b"], limits = { max = 1.5 } } ]
+    contracts = [ { name = "hot", kind = "executable", on = "result", when = { field = "value.mean", above = 30 }, then = [ { command = "v1", set = { open = true } } ] } ]
 
     [service.inputs]
     devices = ["s1", "s2"]
@@ -82,8 +82,9 @@ def test_a_full_spec_means_what_it_says():
     assert spec.constraints.spread is True
     assert (spec.replicas, spec.restart) == (3, "always")
     assert dict(spec.env) == {"UNIT": "C", "WINDOW": "60"}
-    assert spec.contracts == ({"kind": "sla", "latency_ms": 50, "strict": True, "tags": ["a", "b"],
-                               "limits": {"max": 1.5}},)
+    assert spec.contracts == ({"name": "hot", "kind": "executable", "on": "result",
+                               "when": {"field": "value.mean", "above": 30},
+                               "then": [{"command": "v1", "set": {"open": True}}]},)
 
 
 def test_a_minimal_spec_takes_every_default():
@@ -201,6 +202,20 @@ def test_spec_errors_are_config_errors():
     (spec_text(contracts="[{ when = 1979-05-27 }]"), "service.contracts[0].when: must be a string, number, boolean, "
                                                     "list or table (dates and times are not allowed), got a date"),
     (spec_text(contracts="[{ x = nan }]"), "service.contracts[0].x: must be a finite number, got nan"),
+    (spec_text(contracts='[{ name = "a", kind = "sla", on = "join", devices = "c*", then = ["acknowledge"] }]'),
+     "spec.toml: service.contracts[0].kind: must be one of passive, executable, got 'sla'"),
+    (spec_text(contracts='[{ name = "a", kind = "passive", on = "join", then = ["acknowledge"] }]'),
+     "spec.toml: service.contracts[0].devices: a rule on 'join' needs a device name glob like 'car-*', got None"),
+    (spec_text(contracts='[{ name = "a", kind = "passive", on = "result", then = [{ command = "tl", set = { c = 1 } }] }]'),
+     "spec.toml: service.contracts[0].then[0]: a passive contract records and acknowledges; only an executable one commands"),
+    (spec_text(contracts='[{ name = "a", kind = "executable", on = "result", when = { field = "x", above = "high" }, '
+                         'then = [{ command = "tl", set = { c = 1 } }] }]'),
+     "spec.toml: service.contracts[0].when.above: must be a finite number, got 'high'"),
+    (spec_text(contracts='[{ name = "a", kind = "executable", on = "result", then = [{ command = "tl", set = {} }] }]'),
+     "spec.toml: service.contracts[0].then[0].set: must be a non-empty table of settings, e.g. { colour = \"green\" }"),
+    (spec_text(contracts='[{ name = "a", kind = "passive", on = "join", devices = "c*", then = ["acknowledge"] }, '
+                         '{ name = "a", kind = "passive", on = "join", devices = "d*", then = ["acknowledge"] }]'),
+     "spec.toml: service.contracts[1].name: 'a' is declared twice"),
     (spec_text(inputs="{ device = ['s1'] }"), "spec.toml: service.inputs.device: unknown field (did you mean devices?)"),
     (spec_text(inputs="{ devices = ['s+'] }"), "service.inputs.devices[0]: must be a name"),
     (spec_text(inputs="{ services = ['svc'] }"), "service.inputs.services: a service cannot consume its own output"),
@@ -290,8 +305,17 @@ def service_maps(draw):
                               "anti_affinity": draw(others), "spread": spread}
     service["replicas"] = replicas
     service["env"] = draw(st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,6}", fullmatch=True), _text, max_size=3))
-    service["contracts"] = draw(st.lists(st.dictionaries(_names, st.integers() | _text | st.booleans(), max_size=2),
-                                         max_size=2))
+    globs = st.from_regex(r"[a-z]{1,5}-?\*?", fullmatch=True)
+    settings_ = st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True),
+                                st.integers(-100, 100) | _text | st.booleans(), min_size=1, max_size=2)
+    joins = st.builds(lambda n, g: {"name": n, "kind": "passive", "on": "join", "devices": g, "then": ["acknowledge"]},
+                      st.from_regex(r"j[a-z0-9]{0,6}", fullmatch=True), globs)
+    results = st.builds(lambda n, f, v, a, s: {"name": n, "kind": "executable", "on": "result",
+                                               "when": {"field": f, "above": v}, "then": [{"command": a, "set": s}]},
+                        st.from_regex(r"r[a-z0-9]{0,6}", fullmatch=True), st.from_regex(r"[a-z]{1,4}(\.[a-z]{1,4})?",
+                                                                                        fullmatch=True),
+                        st.floats(-1e6, 1e6), _names, settings_)
+    service["contracts"] = draw(st.lists(joins | results, max_size=3, unique_by=lambda c: c["name"]))
     return service
 
 

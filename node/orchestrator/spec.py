@@ -11,7 +11,7 @@ A spec file holds one `[service]` table (DESIGN.md §6):
     replicas = 2                           # 1..64, default 1
     restart = "on-failure"                 # "no" | "on-failure" (default) | "always"
     env = { WINDOW = "60" }
-    contracts = [ { ... } ]                # reserved: a list of tables, kept raw
+    contracts = [ { ... } ]                # rules fired by committed records: see contracts.py
 
     [service.inputs]
     devices = ["s1", "s2"]
@@ -56,6 +56,7 @@ from typing import Any
 
 from tomq import canonical
 from tomq.errors import ConfigError
+from tomq.node.orchestrator import contracts as contracts_module
 
 DEFAULT_IMAGE = "tomq/runtime:latest"
 PROGRAMS = ("collector", "analyser")  # the built-in service programs (node/services)
@@ -159,7 +160,7 @@ class ServiceSpec:
     replicas: int = 1
     restart: str = "on-failure"
     env: Mapping[str, str] = field(default_factory=FrozenMap)
-    # Reserved for service contracts (defined elsewhere): each a table, kept as written.
+    # Service contracts, each a table as written (checked by contracts.parse_all when the spec is built).
     contracts: tuple[dict[str, Any], ...] = field(default=(), hash=False)
 
     def __post_init__(self) -> None:
@@ -343,6 +344,10 @@ def _check_service(table: Any, source: str) -> dict[str, Any]:
             raise SpecError(source, where, f"must be a table, got {_describe(contract)}")
         _check_plain(contract, where, source)
         contracts.append(_copy_plain(contract))
+    try:
+        contracts_module.parse_all(name, contracts)
+    except contracts_module.ContractError as exc:
+        raise SpecError(source, f"service.contracts{exc.field}", exc.problem) from None
 
     return {"name": name, "image": image, "command": command, "program": program, "inputs": inputs,
             "outputs": outputs, "resources": Resources(float(cpu), memory_mb),

@@ -25,7 +25,8 @@ timer fires). Settings come from the spec's env, e.g. env = { WINDOW = "20", EMI
 
 A result is recorded as PROV-DATA(data=result:<first 32 hex of its hash>, hash=sha256 of the result
 JSON, origin=analyse:<service>, receiver=publish:<service>, source=<this service's identity>,
-derived_from=<the data ids of every sample in the window>). When it commits, the result goes out on
+derived_from=<the data ids of every sample in the window>), with the device and the summary as
+attributes, so that contracts (node/orchestrator/contracts.py) decide on what the ledger holds. When it commits, the result goes out on
 svc/<service>/out as that JSON plus "data" and "height" (remove those two to recompute the hash),
 and only then are the inputs that were new in it acknowledged. Results are at least once: after a
 restart, redelivered inputs start fresh windows.
@@ -47,6 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tomq import canonical
 from tomq.errors import InvalidTopic
 from tomq.node.services.link import Inbound
 from tomq.node.services.runner import ServiceProgram, ServiceRunner, run_program
@@ -56,6 +58,7 @@ from tomq.topics import parse
 log = logging.getLogger("tomq.service.analyser")
 
 REMEMBERED_DONE = 100_000
+MAX_SUMMARY_BYTES = 3072  # of the 4096 a record's attributes may hold (tomq.records)
 _DATA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -91,6 +94,17 @@ def statistics(points: Sequence[tuple[int, float]]) -> dict[str, Any]:
 
 def _round(value: float) -> float:
     return round(value, 6)
+
+
+def ledger_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The part of a summary the ledger carries, for contracts to decide on (contracts.py): all of
+    it when it fits the record's attribute limit, else without the per-field statistics."""
+    if len(canonical.encode(summary)) <= MAX_SUMMARY_BYTES:
+        return summary
+    slim = {key: value for key, value in summary.items() if key != "fields"}
+    if len(canonical.encode(slim)) <= MAX_SUMMARY_BYTES:
+        return slim
+    return {key: summary[key] for key in ("count", "first_ms", "last_ms") if key in summary}
 
 
 def summarise(samples: Sequence[Sample]) -> dict[str, Any]:
@@ -229,7 +243,7 @@ class Analyser:
         record = Record(DATA, Provenance(data=result.data, data_hash=digest, origin=f"analyse:{self.service}",
                                          receiver=f"publish:{self.service}", source=self.runner.context.identity,
                                          derived_from=tuple(parents)),
-                        time_ms)
+                        time_ms, {"device": window.device, "summary": ledger_summary(payload["summary"])})
         self.runner.proposer.propose(record, now=now, label=f"{result.data} ({window.device}, {len(samples)} samples)",
                                      on_commit=lambda h: self._committed(result, h),
                                      on_give_up=lambda: self._finish(result))
