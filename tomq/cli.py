@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tomq.node.ledger import cli as ledger_cli
     from tomq.node.orchestrator import cli as orchestrator_cli
     from tomq.node.runtime import cli as runtime_cli
+    from tomq.sensors import actuator_cli
+    from tomq.sensors import cli as sensor_cli
 
     broker_cli.register(commands)
     node_cli.register(commands)
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     node_cli.register_ledger(ledger_cli.register(commands))
     runtime_cli.register(commands)
     orchestrator_cli.register(commands)
+    sensor_cli.register(commands)
+    actuator_cli.register(commands)
     return parser
 
 
