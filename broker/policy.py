@@ -55,7 +55,7 @@ EVERYONE_SUBSCRIBES: tuple[str, ...] = ("audit/#", "ledger/block/+", "ledger/hea
 RULES: dict[str, Rule] = {
     "sensor": Rule(
         publish=("dev/{name}/data", "dev/{name}/state"),
-        subscribe=(),
+        subscribe=("dev/{name}/cmd",),  # the cluster's acknowledgements (passive contracts)
     ),
     "actuator": Rule(
         publish=("dev/{name}/data", "dev/{name}/state"),

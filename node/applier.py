@@ -1,16 +1,19 @@
-"""What a node runs behind its Raft log: the ledger, and the orchestrator that acts on what it commits.
+"""What a node runs behind its Raft log: the ledger, and what acts on what it commits.
 
 The daemon drives one `Applier`; this is it. The ledger owns the log's entries (blocks and their
-certificates) and its snapshots; the orchestrator only listens to the records the ledger applies
-and to operator requests, so it holds no Raft state of its own.
+certificates) and its snapshots. The orchestrator (placements), device presence (devices' own join
+and leave messages) and actuation (contracts, actuator commands) only listen to the records the
+ledger applies and to their topics, so none of them holds Raft state of its own.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tomq.node.actuation import Actuation
 from tomq.node.ledger_service import LedgerService
 from tomq.node.orchestrator.service import Orchestrator
+from tomq.node.presence import DevicePresence
 from tomq.node.raft.types import Entry
 
 if TYPE_CHECKING:
@@ -21,7 +24,14 @@ class NodeApplier:
     def __init__(self, ledger: LedgerService, orchestrator: Orchestrator) -> None:
         self.ledger = ledger
         self.orchestrator = orchestrator
+        self.presence = DevicePresence(ledger)
+        self.actuation = Actuation(ledger, orchestrator)
+        ledger.listeners.append(self.actuation.on_records)  # after the orchestrator: it reads its specs
         self.request_topic = ledger.node.topics.orch_request()
+
+    def subscriptions(self) -> list[str]:
+        """What the node must subscribe to for these parts, beyond Raft and the ledger."""
+        return [self.request_topic, *self.presence.subscriptions()]
 
     def apply(self, entry: Entry) -> None:
         self.ledger.apply(entry)
@@ -38,6 +48,8 @@ class NodeApplier:
     def tick(self, node: NodeDaemon) -> None:
         self.ledger.tick(node)
         self.orchestrator.tick()
+        self.presence.tick()
+        self.actuation.tick()
         self._hold(node)
 
     def after_input(self, node: NodeDaemon) -> None:
@@ -48,7 +60,8 @@ class NodeApplier:
     def _hold(self, node: NodeDaemon) -> None:
         # On-demand mode: a leader that paused now would leave committed work unfinished (a block
         # without its certificate, a registered service without its placement).
-        node.raft.hold(self.ledger.has_leader_work() or self.orchestrator.has_leader_work())
+        node.raft.hold(self.ledger.has_leader_work() or self.orchestrator.has_leader_work()
+                       or self.actuation.has_leader_work())
 
     def extras_for_peers(self) -> dict[str, Any]:
         return self.ledger.extras_for_peers()
@@ -59,11 +72,14 @@ class NodeApplier:
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.request_topic:
             self.orchestrator.on_request(payload)
+        elif self.presence.handles(topic):
+            self.presence.on_message(topic, payload)
         else:
             self.ledger.on_message(topic, payload, retained)
 
     def status(self) -> dict[str, Any]:
-        return {**self.ledger.status(), "orchestration": self.orchestrator.status()}
+        return {**self.ledger.status(), "orchestration": self.orchestrator.status(),
+                "presence": self.presence.status(), "actuation": self.actuation.status()}
 
     def load_report(self) -> dict[str, Any]:
         return self.orchestrator.load_report()

@@ -111,7 +111,8 @@ def _run_node(args: argparse.Namespace) -> int:
 
     node = NodeDaemon(args.dir, args.id, services, options)
     options.extra_subscriptions.append(node.topics.ledger_propose())
-    options.extra_subscriptions.append(node.topics.orch_request())
+    assert isinstance(node.applier, NodeApplier)
+    options.extra_subscriptions.extend(node.applier.subscriptions())
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: node.stop())
     node.run()

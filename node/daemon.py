@@ -31,7 +31,7 @@ from tomq.node.raft.messages import Message
 from tomq.node.raft.storage import FileStorage
 from tomq.node.raft.transport import RaftTransport
 from tomq.node.raft.types import Entry, EntryKind
-from tomq.wire import EnvelopeOpener, FileWatermarks, SequenceCounter, seal
+from tomq.wire import ClockSequence, EnvelopeOpener, FileWatermarks, SequenceCounter, seal
 
 log = logging.getLogger("tomq.node")
 
@@ -111,6 +111,10 @@ class NodeDaemon:
         self.inbox: deque[tuple[Any, ...]] = deque()  # appended to by any thread, taken by the loop
         self.watermarks = FileWatermarks(self.data_dir / "watermarks")
         self.counter = SequenceCounter(self.data_dir / "sequence")
+        # One sequence for every record and command this node seals (orchestrator, device presence,
+        # actuation): the ledger takes a proposer's records only in rising order, and two clocks in
+        # one process could hand out the same microsecond.
+        self.record_sequence = ClockSequence()
         self.link = MqttLink(
             host=self.options.host or self.cluster.broker_host,
             port=self.options.port or self.cluster.broker_port,

@@ -148,7 +148,9 @@ def test_policy_never_grants_outside_the_root_or_a_wildcard(policy: Policy, topi
         ("s1", t("orch/placement/+"), True),
         ("s1", t("ledger/+"), False),  # could match ledger/propose
         ("s1", t("dev/s2/data"), False),
-        ("s1", t("dev/s1/cmd"), False),
+        ("s1", t("dev/s1/cmd"), True),  # the cluster's acknowledgement of its join
+        ("s1", t("dev/s2/cmd"), False),
+        ("s1", t("dev/+/cmd"), False),
         ("s1", "tomq/#", False),
         ("s1", "#", False),
         ("tl1", t("dev/tl1/cmd"), True),
@@ -568,6 +570,7 @@ def test_publish(fresh: BrokerUnderTest, observer: Client, who: str, topic: str,
         ("s1", "tomq/#", "n1", "node/n1/load", False),
         ("s1", t("dev/s2/data"), "s2", "dev/s2/data", False),  # sensors do not read each other
         ("s1", t("dev/tl1/cmd"), "n1", "dev/tl1/cmd", False),
+        ("s1", t("dev/s1/cmd"), "n1", "dev/s1/cmd", True),
         ("n2", t("#"), "n1", "node/n1/load", True),
         ("n2", t("node/n2/raft/+"), "n1", "node/n2/raft/n1", True),
     ],

@@ -49,6 +49,7 @@ ENVELOPE_TYPES = frozenset(
         "reading",  # a sensor reading
         "command",  # cluster -> actuator, naming the ledger block that authorises it
         "report",  # actuator -> cluster: what it did
+        "ack",  # cluster -> device: its join is on the ledger (a passive contract's acknowledgement)
         "raft",  # node -> node consensus traffic
         "load",  # node load report
         "orch-request",  # operator deployment / removal request

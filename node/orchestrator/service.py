@@ -56,7 +56,7 @@ from tomq.node.orchestrator.timings import PlacementTiming
 from tomq.node.raft.core import Role
 from tomq.node.runtime.base import Instance, InstanceSpec, Runtime
 from tomq.records import ID_CREATE, ID_DELETE, ORCH, Identity, Orchestrate, Record
-from tomq.wire import ClockSequence, FileWatermarks, seal
+from tomq.wire import FileWatermarks, seal
 
 if TYPE_CHECKING:
     from tomq.node.daemon import NodeDaemon
@@ -128,7 +128,6 @@ class Orchestrator:
         self.published: dict[str, str] = {}  # service -> placement document last published retained
         self.was_leader = False
         self.dirty = True  # the state changed since the last reconcile
-        self.record_sequence = ClockSequence()
         self.caught_up = False
         self.last_lead = 0.0
         self.catch_up_to: int | None = None
@@ -523,7 +522,7 @@ class Orchestrator:
             return
         self.outstanding.add(record, time.time())
         # Operator tools may propose as this node too (`tomq ledger propose --as`): see ClockSequence.
-        ledger.submit(seal(self.node.key, seq=self.record_sequence.next(), time_ms=int(time.time() * 1000),
+        ledger.submit(seal(self.node.key, seq=self.node.record_sequence.next(), time_ms=int(time.time() * 1000),
                            type="record", body=record.to_map()))
 
     def _still_wanted(self, record: Record) -> bool:
