@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tomq.broker import cli as broker_cli
     from tomq.node import cli as node_cli
     from tomq.node import status as node_status
+    from tomq.node.demo import cli as demo_cli
     from tomq.node.ledger import cli as ledger_cli
     from tomq.node.orchestrator import cli as orchestrator_cli
     from tomq.node.runtime import cli as runtime_cli
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_cli.register(commands)
     orchestrator_cli.register(commands)
     sensor_cli.register(commands)
+    demo_cli.register(commands)
     actuator_cli.register(commands)
     return parser
 
