@@ -39,6 +39,7 @@ Broker methods overridden below (the dependency pins amqtt to <0.13 for that rea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -206,6 +207,7 @@ class TomqBroker(Broker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._replays: set[asyncio.Future[Any]] = set()  # queued messages on their way: keep them alive
         table: dict[str, Any] = self._subscriptions  # type: ignore[has-type]
         self._subscriptions = _SnapshotDict(table)
 
@@ -294,7 +296,19 @@ class TomqBroker(Broker):
         while not session.retained_messages.empty():
             message = await session.retained_messages.get()
             if self._may_receive(session, message.topic):
-                await handler.mqtt_publish(message.topic, message.data, message.qos, retain=True)
+                # Sent in order but not awaited one by one: a QoS 1 reader may hold its PUBACK until
+                # its work is done (a collector acknowledges an input once its record commits), and
+                # waiting here, inside amqtt's CONNECT handling, timed out and dropped the reader every
+                # few seconds, so a service that took over a session never caught up.
+                replay = asyncio.ensure_future(
+                    handler.mqtt_publish(message.topic, message.data, message.qos, retain=True))
+                self._replays.add(replay)
+                replay.add_done_callback(self._replay_done)
+
+    def _replay_done(self, replay: asyncio.Future[Any]) -> None:
+        self._replays.discard(replay)
+        if not replay.cancelled() and replay.exception() is not None:
+            log.warning("a queued message was not acknowledged: %s", replay.exception())
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
