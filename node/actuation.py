@@ -14,6 +14,9 @@ same committed records (contracts.fire is pure). Only the ready leader acts on t
 3. An acknowledgement intent (a passive contract: a device's join is on the ledger) is published
    signed on the device's cmd topic.
 
+A command that would give an actuator the setting it was last commanded (committed, or about to
+be) is not issued: a busy junction stays green without a new record every time the analyser says so.
+
 A new leader sends again the commands certified in the last MAX_AGE_SECONDS: the actuator refuses
 what it has already taken (its (height, index) watermark), so a resend is harmless and a command
 whose sender died between commit and send still arrives. Records older than MAX_AGE_SECONDS (a
@@ -73,7 +76,8 @@ class Actuation:
         self.to_send: list[_Certifiable] = []
         self.sent: set[str] = set()
         self.was_leader = False
-        self.counts = {"fired": 0, "proposed": 0, "sent": 0, "acknowledged": 0, "dropped_stale": 0}
+        self.commanded: dict[str, dict[str, Any]] = {}  # actuator -> setting of its latest committed command
+        self.counts = {"fired": 0, "unchanged": 0, "proposed": 0, "sent": 0, "acknowledged": 0, "dropped_stale": 0}
 
     # ------------------------------------------------------------------ every node
 
@@ -85,6 +89,9 @@ class Actuation:
             fresh = now_ms - record.time_ms < MAX_AGE_SECONDS * 1000
             structure = record.structure
             if record.state == ORCH and isinstance(structure, Orchestrate) and structure.action == "command":
+                setting = structure.reason.get("setting")
+                if isinstance(setting, dict):
+                    self.commanded[structure.location] = setting
                 self.due.pop(structure.deployed, None)
                 self.due_since.pop(structure.deployed, None)
                 self.proposed_at.pop(structure.deployed, None)
@@ -97,9 +104,17 @@ class Actuation:
                 self.counts["fired"] += 1
                 if isinstance(intent, Acknowledge):
                     self.acks.append(intent)
+                elif intent.setting == self._latest_setting(intent.actuator):
+                    self.counts["unchanged"] += 1  # the actuator already has (or is getting) this setting
                 elif not self.ledger.verifier.state.has_issued(intent.command_id):
                     self.due[intent.command_id] = intent
                     self.due_since[intent.command_id] = record.time_ms
+
+    def _latest_setting(self, actuator: str) -> dict[str, Any] | None:
+        for intent in reversed(self.due.values()):
+            if intent.actuator == actuator:
+                return intent.setting
+        return self.commanded.get(actuator)
 
     def has_leader_work(self) -> bool:
         return bool(self.due)

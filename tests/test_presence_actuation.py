@@ -165,7 +165,9 @@ def test_a_contract_records_its_command_then_the_actuator_can_check_it(site: Orc
 
         proposer = site.proposer()
         try:
-            for cars in (5.0, 1.0):  # only the first meets the condition
+            # 5 and 6 meet the condition, but the second would only repeat the setting the light already
+            # has: one command. 1 meets no condition.
+            for cars in (5.0, 6.0, 1.0):
                 summary = {"count": 4, "density": {"j1": {"readings": 4, "cars_mean": cars, "cars_last": cars}}}
                 digest = hashlib.sha256(repr(summary).encode()).digest()
                 record = Record(DATA, Provenance(f"result:{digest.hex()[:32]}", digest, "analyse:traffic",

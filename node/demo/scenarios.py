@@ -70,9 +70,9 @@ def _collector(name: str, devices: Iterable[DemoDevice]) -> str:
             f"[service.inputs]\ndevices = {_names(devices)}\n")
 
 
-def _analyser(name: str, inputs: Iterable[str], contracts: Iterable[str]) -> str:
+def _analyser(name: str, inputs: Iterable[str], contracts: Iterable[str], env: str = 'EMIT_SECONDS = "1"') -> str:
     # TOML 1.0 keeps an inline table on one line: one contract per line, inside a multi-line array.
-    lines = [f'[service]\nname = "{name}"\nprogram = "analyser"\nenv = {{ EMIT_SECONDS = "1" }}']
+    lines = [f'[service]\nname = "{name}"\nprogram = "analyser"\nenv = {{ {env} }}']
     written = list(contracts)
     if written:
         lines.append("contracts = [\n" + "".join(f"  {c},\n" for c in written) + "]")
@@ -114,7 +114,9 @@ def _smart_city() -> Scenario:
         cars + lights,
         # A light's report is a reading too, so the collector records it as PROV-DATA.
         (DemoService("collector", _collector("collector", cars + lights)),
-         DemoService("analyser", _analyser("analyser", ["collector"], contracts))))
+         # One window per junction (every car there feeds it), a result every 2 s.
+         DemoService("analyser", _analyser("analyser", ["collector"], contracts,
+                                           'GROUP_BY = "junction", WINDOW = "12", EMIT_SECONDS = "2"'))))
 
 
 def _agriculture() -> Scenario:

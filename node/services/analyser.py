@@ -7,7 +7,9 @@ cluster root), in the collector's output form: JSON with at least "data" (the da
 "device", "time_ms" and "value". Anything else is acknowledged and dropped with one log line.
 
 Per (input service, device) the analyser keeps the last WINDOW samples and summarises them
-(`summarise`, pure):
+(`summarise`, pure). With env GROUP_BY = "<field>", a map value that has that text field is windowed
+by the field's value instead of by device (GROUP_BY = "junction": one window per junction, fed by
+every car there; the result's "device" is then the junction):
 
     count, first_ms, last_ms
     value:   {count, mean, min, max, trend_per_s}   over numeric values; trend_per_s is the
@@ -169,6 +171,7 @@ class Analyser:
         self.emit_seconds = context.setting("EMIT_SECONDS", 1.0, minimum=0.05, maximum=3600)
         self.max_held = int(context.setting("MAX_HELD", 16, minimum=1, maximum=100_000))
         self.sources = set(context.inputs("services"))
+        self.group_by = context.text_setting("GROUP_BY")
         self._out_topic = runner.topics.service_out(self.service)
         self._windows: dict[tuple[str, str], _Window] = {}
         self._held: dict[str, list[Inbound]] = {}  # data id -> deliveries, until its result commits
@@ -207,10 +210,14 @@ class Analyser:
         if held is not None:
             held.append(message)  # a redelivery of an input still waiting for its result
             return
-        key = (source, item["device"])
+        label = item["device"]
+        value = item["value"]
+        if self.group_by is not None and isinstance(value, dict) and isinstance(value.get(self.group_by), str):
+            label = value[self.group_by][:64]
+        key = (source, label)
         window = self._windows.get(key)
         if window is None:
-            window = self._windows[key] = _Window(source, item["device"], deque(maxlen=self.window_size))
+            window = self._windows[key] = _Window(source, label, deque(maxlen=self.window_size))
         sample = Sample(data, item["time_ms"], item["value"])
         window.samples.append(sample)
         deliveries = self._held[data] = [message]

@@ -93,6 +93,12 @@ class ServiceContext:
             raise ServiceConfigError(f"service.json: spec.inputs.{kind} must be a list of text")
         return list(values)
 
+    def text_setting(self, name: str) -> str | None:
+        """A text value from spec.env, or None when it is not set (or empty)."""
+        env = self.spec.get("env") if isinstance(self.spec, Mapping) else None
+        raw = env.get(name) if isinstance(env, Mapping) else None
+        return raw if isinstance(raw, str) and raw else None
+
     def setting(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
         """A number from spec.env (e.g. WINDOW = "20"), within [minimum, maximum]."""
         env = self.spec.get("env") if isinstance(self.spec, Mapping) else None
