@@ -9,6 +9,7 @@ the demo started may outlive it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,13 @@ from tomq.node.ledger.verify import verify_ledger
 from tomq.records import DATA, ID_CREATE, ID_DELETE, ORCH, Identity, Orchestrate, Provenance, Record
 
 
-def run_demo(directory: Path, *args: str, timeout: float = 200) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "tomq", "demo", "--no-view", "--keep", str(directory), *args],
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo"
+
+
+def run_demo(directory: Path, *args: str, timeout: float = 200, script: bool = False) -> subprocess.CompletedProcess[str]:
+    # script=True: exactly the README's first command (scripts/demo), which installs then runs `tomq demo`.
+    command = ["bash", str(SCRIPT)] if script else [sys.executable, "-m", "tomq", "demo"]
+    result = subprocess.run([*command, "--no-view", "--keep", str(directory), *args],
                             capture_output=True, text=True, timeout=timeout)
     leftovers = subprocess.run(["pgrep", "-af", str(directory)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == "", f"processes left running: {leftovers.stdout}"
@@ -60,7 +66,7 @@ def explain(result: subprocess.CompletedProcess[str], directory: Path) -> str:
 @pytest.mark.slow
 def test_the_smart_city_demo_records_devices_data_and_commands_and_stops_everything(tmp_path: Path):
     directory = tmp_path / "demo"
-    result = run_demo(directory, "--duration", "25")
+    result = run_demo(directory, "--duration", "25", script=True)
     assert result.returncode == 0, explain(result, directory)
     out = result.stdout
     assert "ledger ok:" in out
@@ -90,6 +96,27 @@ def test_the_smart_city_demo_records_devices_data_and_commands_and_stops_everyth
                 if r.state == ORCH and isinstance(r.structure, Orchestrate) and r.structure.action == "command"]
     assert commands and {c.location for c in commands} <= {"tl-j1", "tl-j2"}, explain(result, directory)
     assert all(c.reason["setting"] in ({"colour": "green"}, {"colour": "red"}) for c in commands)
+    # Every light change the actuator made names a PROV-ORCH command record that was already on the
+    # ledger (its height, its id, its setting), and the light's report of it was recorded after it.
+    by_id = {c.deployed: (height, record) for height, record in recorded
+             if isinstance(c := record.structure, Orchestrate) and c.action == "command"}
+    changes = 0
+    for light in ("tl-j1", "tl-j2"):
+        reports = sorted((height, r.time_ms) for height, r in recorded
+                         if r.state == DATA and isinstance(r.structure, Provenance) and r.structure.source == light)
+        for line in (directory / "logs" / f"{light}.log").read_text().splitlines():
+            match = re.fullmatch(rf"{light} (\w+) \(command (\S+), height (\d+)\)", line)
+            if not match:
+                continue
+            changes += 1
+            colour, command_id, height = match.group(1), match.group(2), int(match.group(3))
+            assert command_id in by_id, f"{light} acted on {command_id}, which is not on the ledger"
+            recorded_height, record = by_id[command_id]
+            assert recorded_height == height and record.structure.location == light
+            assert record.structure.reason["setting"] == {"colour": colour}
+            assert any(h > height and t >= record.time_ms for h, t in reports), \
+                f"no report of {light} recorded after the command at height {height}"
+    assert changes >= 1, "the lights changed at least once"
     # what the demo said at the end agrees with the ledger
     assert "devices joined: " in out and "never joined" not in out
     assert "commands: tl-j" in out
