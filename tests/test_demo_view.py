@@ -73,7 +73,7 @@ def test_the_smart_city_analyser_carries_the_traffic_contracts():
     assert [d.name for d in scenario.actuators] == ["tl-j1", "tl-j2"]
     analyser = parse_spec(next(s.spec for s in scenario.services if s.name == "analyser"))
     assert analyser.program == "analyser" and analyser.inputs.services == ("collector",)
-    assert dict(analyser.env) == {"EMIT_SECONDS": "1"}
+    assert dict(analyser.env) == {"GROUP_BY": "junction", "WINDOW": "12", "EMIT_SECONDS": "2"}
     by_name = {c["name"]: c for c in analyser.contracts}
     assert by_name["car-connects"] == {"name": "car-connects", "kind": "passive", "on": "join", "devices": "car-*",
                                        "then": ["acknowledge"]}
