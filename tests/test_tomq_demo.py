@@ -22,7 +22,6 @@ from tomq.node.demo.scenarios import SCENARIOS
 from tomq.node.ledger.verify import verify_ledger
 from tomq.records import DATA, ID_CREATE, ID_DELETE, ORCH, Identity, Orchestrate, Provenance, Record
 
-
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo"
 
 

@@ -23,7 +23,8 @@ effect for the blocks after it. Certificates are checked at the block's own time
 auditor's wall clock, so a ledger stays verifiable after its members' certificates expire.
 
 `ChainVerifier` is the same check one block at a time, without the disk, for a node that receives
-blocks. Only `verify_ledger` reads files, and nothing here ever writes.
+blocks. `verify_path` takes a directory or an audit bundle file (bundle.py). Only `verify_ledger`
+(and, through bundle.py, `verify_path`) read files, and nothing here ever writes.
 """
 
 from __future__ import annotations
@@ -418,3 +419,12 @@ def _read_block_file(path: Path, height: int) -> bytes:
     if len(data) > MAX_BLOCK_FILE_BYTES:
         raise LedgerInvalid(height, f"{path.name} exceeds {MAX_BLOCK_FILE_BYTES} bytes")
     return data
+
+
+def verify_path(path: str | os.PathLike[str], operator: PublicKey) -> VerifyReport:
+    """`verify_ledger` for a ledger directory; for a file, the audit bundle it holds (bundle.py), from genesis."""
+    if Path(path).is_file():
+        from tomq.node.ledger.bundle import verify_bundle  # bundle.py builds on this module
+
+        return verify_bundle(path, operator)[0]
+    return verify_ledger(path, operator)
