@@ -219,7 +219,7 @@ class Proposer:
     def wait(self, seqs: list[int], timeout: float, resend: dict[int, bytes] | None = None) -> list[int]:
         """Wait until every record is committed; returns the seqs still missing at the timeout.
 
-        With `resend` (seq -> envelope), a record not committed within a second is sealed again with
+        With `resend` (seq -> envelope), a record not committed within a second (then 2, 4, 8) is sealed again with
         a new sequence number and proposed again: the ledger accepts a proposer's records only in
         rising sequence order, so re-sending the old envelope after a later one was taken would be
         refused. A record sealed twice can in rare cases commit twice; Table II refuses a second
@@ -229,7 +229,10 @@ class Proposer:
         for seq in seqs:
             aliases.setdefault(seq, [seq])
         deadline = time.monotonic() + timeout
-        next_resend = time.monotonic() + 1.0
+        # The interval doubles (1, 2, 4, 8 s): resending everything still missing every second fed a
+        # broker that had fallen behind (the embedded one with five nodes) more than it could deliver.
+        interval = 1.0
+        next_resend = time.monotonic() + interval
         while True:
             with self._changed:
                 missing = [s for s in seqs if not any((self.key.id, a) in self.committed for a in aliases[s])]
@@ -237,7 +240,8 @@ class Proposer:
                     return missing
                 self._changed.wait(0.05)
             if resend and time.monotonic() >= next_resend:
-                next_resend = time.monotonic() + 1.0
+                interval = min(interval * 2, 8.0)
+                next_resend = time.monotonic() + interval
                 for seq in missing:
                     signed, _ = canonical.decode(resend[seq])
                     body = canonical.decode(signed, check_canonical=False)["body"]
