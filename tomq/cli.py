@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     members.set_defaults(run=_cmd_members)
 
     # Component commands register themselves; imported here so that `import tomq` stays light.
+    from tomq.bridge import cli as bridge_cli
     from tomq.broker import cli as broker_cli
     from tomq.node import cli as node_cli
     from tomq.node import status as node_status
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sensor_cli.register(commands)
     demo_cli.register(commands)
     actuator_cli.register(commands)
+    bridge_cli.register(commands)
     return parser
 
 

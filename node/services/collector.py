@@ -16,13 +16,20 @@ cluster root (e.g. "dev/+/data"); with neither, every device's data. For each me
    and the reason; the message is acknowledged and nothing is proposed.
 4. A good reading becomes PROV-DATA(data=<id>, hash=payload_hash or sha256(wire),
    origin=sample:<device>, receiver=collect:<service>, source=<device>, source_signature=<the
-   device's envelope signature>) at the envelope's time. If the datum is already committed (seen in a
-   certified block or an audit line, e.g. by the instance this one replaced) nothing is proposed.
+   device's envelope signature>) at the envelope's time, with attributes {"mode": "device-signed"}.
+   A bridge-attested reading (readings.py; firmware-bridge/PROTOCOL.md), signed by serial bridge B
+   for sensor D, becomes PROV-DATA(origin=sample:D, source=B, source_signature=<B's signature>,
+   on_behalf_of=D) with {"mode": "bridge-attested", "device_seq": <D's own seq>}: the ledger says
+   that B, not D, vouches for it, and tomq.records maps it to PROV actedOnBehalfOf(B, D).
+   If the datum is already committed (seen in a certified block or an audit line, e.g. by the
+   instance this one replaced) nothing is proposed.
 5. Once committed: the joint data goes out on svc/<service>/out (QoS 1, JSON) and only then is the
    input acknowledged. Output is therefore at least once; consumers de-duplicate by "data".
 
-Output JSON: {"data", "device", "seq", "time_ms", "value", "unit", "payload_hash", "height", "service"}
-with bytes as hex and "height" the ledger height of the block that holds the record.
+Output JSON: {"data", "device", "seq", "time_ms", "value", "unit", "payload_hash", "height", "service",
+"mode", "bridge"} with bytes as hex and "height" the ledger height of the block that holds the record.
+For a bridge-attested reading "device" is the sensor, "bridge" the bridge that signed (else null),
+and "seq" the sensor's own sequence number.
 
 What this program must never do: acknowledge a good reading before its record is committed (or
 given up), or propose a reading it has not verified as signed by the device of its topic.
@@ -133,9 +140,14 @@ class Collector:
         except EnvelopeRejected as exc:
             self._refuse(message, device, f"{type(exc).__name__}: {exc}")
             return True
-        record = Record(DATA, Provenance(data=data, data_hash=reading.data_hash, origin=f"sample:{device}",
+        sensor = reading.attested_device or device
+        attributes: dict[str, Any] = {"mode": reading.mode}
+        if reading.device_seq is not None:
+            attributes["device_seq"] = reading.device_seq
+        record = Record(DATA, Provenance(data=data, data_hash=reading.data_hash, origin=f"sample:{sensor}",
                                          receiver=f"collect:{self.service}", source=device,
-                                         source_signature=reading.signature), reading.time_ms)
+                                         source_signature=reading.signature,
+                                         on_behalf_of=reading.attested_device), reading.time_ms, attributes)
         datum = self._in_flight[data] = _Datum(data, reading, [message], received)
         height = self.runner.proposer.committed_height(data)
         if height is not None:
@@ -155,10 +167,13 @@ class Collector:
 
     def _committed(self, datum: _Datum, height: int) -> None:
         reading = datum.reading
-        output = {"data": datum.data, "device": reading.device, "seq": reading.seq, "time_ms": reading.time_ms,
-                  "value": to_json_value(reading.value), "unit": reading.unit,
+        attested = reading.attested_device is not None
+        output = {"data": datum.data, "device": reading.attested_device or reading.device,
+                  "seq": reading.device_seq if reading.device_seq is not None else reading.seq,
+                  "time_ms": reading.time_ms, "value": to_json_value(reading.value), "unit": reading.unit,
                   "payload_hash": reading.payload_hash.hex() if reading.payload_hash is not None else None,
-                  "height": height, "service": self.service}
+                  "height": height, "service": self.service, "mode": reading.mode,
+                  "bridge": reading.device if attested else None}
         # default=repr: a device may send CBOR that JSON has no form for (a tag); say what it was.
         self.runner.publish(self._out_topic, json.dumps(output, sort_keys=True, default=repr).encode(), 1)
         self.stats["recorded"] += 1
