@@ -35,7 +35,6 @@ not acknowledged, or reuse a join/will pair.
 from __future__ import annotations
 
 import logging
-import math
 import select
 import socket
 import threading
@@ -50,6 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tomq import canonical
 from tomq.identity import SigningKey
+from tomq.mqtt import close_without_disconnect, disable_nagle, drain_socket, poll_sockets
 from tomq.sensors.outbox import Outbox
 from tomq.topics import Topics
 from tomq.wire import SequenceCounter, seal
@@ -268,7 +268,7 @@ class Uplink:
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
         client.connect_timeout = CONNECT_TIMEOUT
-        client.on_socket_open = _no_delay
+        client.on_socket_open = disable_nagle
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -290,10 +290,10 @@ class Uplink:
             with self._lock:
                 stop, vanish = self._stop, self._vanish
             if vanish or (disconnect_sent is not None and time.monotonic() - disconnect_sent > DISCONNECT_GRACE):
-                _drop(sock)
+                close_without_disconnect(sock)
                 return
             if not self._accepted and time.monotonic() - started > CONNACK_TIMEOUT:
-                _drop(sock)
+                close_without_disconnect(sock)
                 return
             if stop and disconnect_sent is None:
                 client.disconnect()  # clean: the broker discards the will
@@ -302,16 +302,16 @@ class Uplink:
                 self._feed(client)
             mask = select.POLLIN | (select.POLLOUT if client.want_write() else 0)
             try:
-                events = _poll([(self._wake_reader, select.POLLIN), (sock, mask)], self.keepalive / 2)
+                events = poll_sockets([(self._wake_reader, select.POLLIN), (sock, mask)], self.keepalive / 2)
             except (OSError, ValueError):
                 events = {}
             if self._wake_reader.fileno() in events:
-                _drain(self._wake_reader)
+                drain_socket(self._wake_reader)
             if events.get(sock.fileno(), 0) & ~select.POLLOUT:
                 for _ in range(1000):
                     if client.loop_read() != paho.MQTT_ERR_SUCCESS or client.socket() is not sock:
                         break
-                    if not _poll([(sock, select.POLLIN)], 0):
+                    if not poll_sockets([(sock, select.POLLIN)], 0):
                         break
             if client.socket() is sock and client.want_write():
                 client.loop_write()
@@ -346,8 +346,8 @@ class Uplink:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            if _poll([(self._wake_reader, select.POLLIN)], remaining):
-                _drain(self._wake_reader)
+            if poll_sockets([(self._wake_reader, select.POLLIN)], remaining):
+                drain_socket(self._wake_reader)
                 return
 
     def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
@@ -390,30 +390,4 @@ def unpack(record: bytes) -> tuple[str, int, bytes]:
     return str(device), int(device_seq), bytes(wire)
 
 
-def _poll(watched: list[tuple[Any, int]], timeout: float) -> dict[int, int]:
-    poller = select.poll()
-    for sock, mask in watched:
-        poller.register(sock, mask)
-    return dict(poller.poll(math.ceil(max(0.0, timeout) * 1000)))
 
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
-
-
-def _drop(sock: Any) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
-def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass

@@ -47,7 +47,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
-import math
 import os
 import select
 import socket
@@ -66,7 +65,7 @@ from tomq.cluster import DEVICE_ROLES, broker_password
 from tomq.durable import replace_file
 from tomq.errors import ConfigError, InvalidTopic, UsageError
 from tomq.identity import SigningKey
-from tomq.mqtt import BrokerUnavailable
+from tomq.mqtt import BrokerUnavailable, close_without_disconnect, disable_nagle, drain_socket, poll_sockets
 from tomq.node.services.readings import seal_reading
 from tomq.sensors.outbox import Outbox
 from tomq.topics import Topics, check_segment
@@ -376,7 +375,7 @@ class Device:
         client.max_inflight_messages_set(0)  # the device bounds what is in flight (max_in_flight) itself
         client.max_queued_messages_set(0)
         client.connect_timeout = CONNECT_TIMEOUT
-        client.on_socket_open = _no_delay
+        client.on_socket_open = disable_nagle
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -401,12 +400,12 @@ class Device:
             with self._lock:
                 abort, stop = self._abort, self._stop_requested
             if abort or (disconnect_sent is not None and time.monotonic() - disconnect_sent > DISCONNECT_GRACE):
-                _drop(sock)  # no DISCONNECT: the broker publishes the will
+                close_without_disconnect(sock)  # no DISCONNECT: the broker publishes the will
                 return
             if not self._accepted and time.monotonic() - started > CONNACK_TIMEOUT:
                 log.warning("device %s: no CONNACK from %s:%s within %.0f s", self.name, self.host, self.port,
                             CONNACK_TIMEOUT)
-                _drop(sock)
+                close_without_disconnect(sock)
                 return
             if disconnect_sent is None and (stop or self.left.is_set()):
                 client.disconnect()  # the broker discards the will
@@ -415,11 +414,11 @@ class Device:
                 self._service(client)
             mask = select.POLLIN | (select.POLLOUT if client.want_write() else 0)
             try:
-                events = _poll([(self._wake_reader, select.POLLIN), (sock, mask)], self.keepalive / 2)
+                events = poll_sockets([(self._wake_reader, select.POLLIN), (sock, mask)], self.keepalive / 2)
             except (OSError, ValueError):
                 events = {}
             if self._wake_reader.fileno() in events:
-                _drain(self._wake_reader)
+                drain_socket(self._wake_reader)
             ready = events.get(sock.fileno(), 0)
             if ready & ~select.POLLOUT:
                 self._read(client, sock)
@@ -432,7 +431,7 @@ class Device:
         for _ in range(_READS_PER_WAKE):
             if client.loop_read() != paho.MQTT_ERR_SUCCESS or client.socket() is not sock:
                 return
-            if not _poll([(sock, select.POLLIN)], 0):
+            if not poll_sockets([(sock, select.POLLIN)], 0):
                 return
 
     def _service(self, client: paho.Client) -> None:
@@ -472,8 +471,8 @@ class Device:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            if _poll([(self._wake_reader, select.POLLIN)], remaining):
-                _drain(self._wake_reader)
+            if poll_sockets([(self._wake_reader, select.POLLIN)], remaining):
+                drain_socket(self._wake_reader)
 
     # paho callbacks: all run on the network thread, inside loop_read / loop_write / loop_misc.
 
@@ -545,33 +544,4 @@ def _lock_data_dir(data_dir: Path, name: str) -> int:
     return fd
 
 
-def _poll(watched: list[tuple[Any, int]], timeout: float) -> dict[int, int]:
-    poller = select.poll()
-    for sock, mask in watched:
-        poller.register(sock, mask)
-    return dict(poller.poll(math.ceil(max(0.0, timeout) * 1000)))
 
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
-
-
-def _drop(sock: Any) -> None:
-    """Close the connection without DISCONNECT."""
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
-def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
-    # Readings and their acknowledgements are small: with Nagle's algorithm and delayed ACKs each
-    # QoS 1 round trip can stall for ~40 ms (see tomq/mqtt.py).
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass

@@ -85,7 +85,7 @@ class MqttLink:
         self.client.reconnect_delay_set(min_delay=RECONNECT_MIN_DELAY, max_delay=RECONNECT_MAX_DELAY)
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=will[2])
-        self.client.on_socket_open = _no_delay
+        self.client.on_socket_open = disable_nagle
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -140,7 +140,7 @@ class MqttLink:
             deadline = time.monotonic() + 1.0
             while (sock := client.socket()) is not None and client.want_write():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not _poll([(sock, select.POLLOUT)], remaining):
+                if remaining <= 0 or not poll_sockets([(sock, select.POLLOUT)], remaining):
                     break
                 client.loop_write()
         finally:
@@ -220,7 +220,7 @@ class MqttLink:
                 wait = 0.0
             watched.append((sock, select.POLLIN | (select.POLLOUT if client.want_write() else 0)))
         try:
-            events = _poll(watched, wait)
+            events = poll_sockets(watched, wait)
         except (OSError, ValueError):  # the socket was closed under us: handled as a lost connection
             events = {}
         if self._wake_reader.fileno() in events:
@@ -302,16 +302,33 @@ class MqttLink:
                 log.exception("handler failed for a message on %s", message.topic)
 
 
-def _poll(watched: list[tuple[Any, int]], timeout: float) -> dict[int, int]:
+def poll_sockets(watched: list[tuple[Any, int]], timeout: float) -> dict[int, int]:
     """poll() the (socket, events) pairs for up to `timeout` s: {fd: events seen}. No FD_SETSIZE limit."""
     poller = select.poll()
     for sock, mask in watched:
         poller.register(sock, mask)
-    return dict(poller.poll(math.ceil(timeout * 1000)))
+    return dict(poller.poll(math.ceil(max(0.0, timeout) * 1000)))
+
+
+def drain_socket(sock: socket.socket) -> None:
+    """Read and drop whatever a non-blocking socket holds (a wake-up pipe's bytes)."""
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def close_without_disconnect(sock: Any) -> None:
+    """Close an MQTT connection without DISCONNECT: the broker then publishes the client's will."""
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _readable_now(sock: Any) -> bool:
-    return _pending(sock) or bool(_poll([(sock, select.POLLIN)], 0))
+    return _pending(sock) or bool(poll_sockets([(sock, select.POLLIN)], 0))
 
 
 def _pending(sock: Any) -> bool:
@@ -320,7 +337,8 @@ def _pending(sock: Any) -> bool:
     return bool(pending()) if pending is not None else False
 
 
-def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+def disable_nagle(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    """paho's on_socket_open hook: TCP_NODELAY on the broker connection."""
     # paho leaves Nagle on. tomq sends many small messages (Raft, acknowledgements, audit lines), and
     # Nagle holds each small write until the previous one is acknowledged, which the peer's delayed
     # ACK can postpone by up to 40 ms: the QoS 1 stalls of 44-88 ms the issue measured.
