@@ -33,7 +33,6 @@ envelope, or sign as anyone but the bridge identity enrolled for the device.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ from tomq.bridge.session import Introduce, Send, Session, Take
 from tomq.bridge.uplink import DevicePresence, SelfPresence, Uplink, pack, unpack
 from tomq.certificate import Certificate
 from tomq.cluster import broker_password
-from tomq.durable import replace_file
+from tomq.durable import lock_directory, replace_file
 from tomq.errors import ConfigError, TomqError
 from tomq.node.services.readings import BRIDGE_ATTESTED, seal_attested_reading
 from tomq.sensors.outbox import Outbox
@@ -85,7 +84,10 @@ class Bridge:
                                                                for c in Path(port).name)
         self.data_dir = Path(data_dir) if data_dir is not None else default
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = _lock(self.data_dir)
+        lock_fd = lock_directory(self.data_dir)
+        if lock_fd is None:
+            raise BridgeError(f"{self.data_dir} is in use by another bridge")
+        self._lock_fd = lock_fd
         self.marks = FileWatermarks(self.data_dir / "marks")
         self.uplinks: dict[str, Uplink] = {}
         self._presences: dict[str, DevicePresence] = {}
@@ -354,11 +356,3 @@ def _read_identity(directory: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _lock(directory: Path) -> int:
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise BridgeError(f"{directory} is in use by another bridge") from None
-    return fd

@@ -44,7 +44,6 @@ cleanly after a leave that was not acknowledged (the will must then speak for th
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -62,7 +61,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tomq import cluster as clusters
 from tomq.cluster import DEVICE_ROLES, broker_password
-from tomq.durable import replace_file
+from tomq.durable import lock_directory, replace_file
 from tomq.errors import ConfigError, InvalidTopic, UsageError
 from tomq.identity import SigningKey
 from tomq.mqtt import BrokerUnavailable, close_without_disconnect, disable_nagle, drain_socket, poll_sockets
@@ -131,7 +130,10 @@ class Device:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.blob_dir = self.data_dir / "blobs"
-        self._lock_fd = _lock_data_dir(self.data_dir, name)
+        lock_fd = lock_directory(self.data_dir)
+        if lock_fd is None:
+            raise ConfigError(f"{self.data_dir} is in use by another process running device {name}")
+        self._lock_fd = lock_fd
         try:
             self._sequence = SequenceCounter(self.data_dir / "seq")
             self._outbox = Outbox(self.data_dir / "outbox.log")
@@ -533,15 +535,6 @@ class Device:
                 log.exception("device %s: on_command failed", self.name)
 
 
-def _lock_data_dir(data_dir: Path, name: str) -> int:
-    """Hold an exclusive lock on the data dir: two processes on one outbox would corrupt it."""
-    fd = os.open(data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"{data_dir} is in use by another process running device {name}") from None
-    return fd
 
 
 

@@ -6,6 +6,7 @@ or a rename that a power cut can undo.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -29,3 +30,15 @@ def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(temp, final)
     fsync_directory(final.parent)
+
+
+def lock_directory(directory: str | os.PathLike[str]) -> int | None:
+    """Hold an exclusive lock on `directory` (its `lock` file) for this process's lifetime: the fd,
+    or None when another process holds it. Two processes sharing one outbox would corrupt it."""
+    fd = os.open(Path(directory) / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
