@@ -69,6 +69,11 @@ class DevicePresence:
         self.watermarks = MemoryWatermarks()
         self.proposed: dict[str, float] = {}  # device -> when we last proposed its change
         self.refused: dict[str, int] = {}
+        # tick() runs every Raft tick; it compares with the ledger only when a message arrived, a block
+        # was applied or a retry is due, not on every tick for every device ever heard of.
+        self._changed = False
+        self._compared_at_height = -1
+        self._next_retry = 0.0
 
     def subscriptions(self) -> list[str]:
         return [f"{self.node.topics.root}/dev/+/state"]
@@ -91,15 +96,22 @@ class DevicePresence:
             log.warning("refused device state on %s: %s", topic, exc)
             return
         self.said[device] = said
+        self._changed = True
         log.info("device %s says %s", device, said.reason)
 
     def tick(self) -> None:
         """On the ready leader: propose what the ledger does not yet say about each device."""
         if not self.said:
             return
+        now = time.monotonic()
+        height = self.ledger.verifier.height
+        if not self._changed and height == self._compared_at_height and now < self._next_retry:
+            return
+        self._changed = False
+        self._compared_at_height = height
+        self._next_retry = now + RETRY_SECONDS
         leading = self.ledger.is_ready_leader()
         state = self.ledger.verifier.state
-        now = time.monotonic()
         for device, said in self.said.items():
             member = state.member(device)
             if said.joined == (member is not None):
