@@ -4,7 +4,7 @@
 
 For every broker (the embedded amqtt broker as its own process, mosquitto with the ACL tomq emits)
 and every cluster size, a fresh cluster of real `tomq node` processes on 127.0.0.1 is started and
-measured, as a client sees it (publish on ledger/propose -> the record's audit line arrives, i.e.
+measured, as a client sees it (publish on ledger/propose/n1 -> the record's audit line arrives, i.e.
 its block is committed *and* certified):
 
 1. commit latency of one record at a time (p50, p99 of ~200 sequential proposals), beside the
@@ -109,13 +109,13 @@ class Stalled(Exception):
 
 
 class Client:
-    """Seals readings as n1, proposes them on ledger/propose and notes when each one's audit line
+    """Seals readings as n1, proposes them on ledger/propose/n1 and notes when each one's audit line
     (`audit/<state>`, published once its block is committed and certified) arrives."""
 
     def __init__(self, directory: Path) -> None:
         loaded = cluster.load(directory)
         self.key = loaded.signing_key("n1")
-        self.topic = loaded.topics.ledger_propose()
+        self.topic = loaded.topics.ledger_propose("n1")
         self.arrived: dict[int, float] = {}  # seq -> monotonic time its audit line arrived
         self.maps: dict[int, dict[str, Any]] = {}  # seq -> the record map sealed under it
         self.first_seq: dict[int, int] = {}  # seq of a re-proposal -> seq of the first proposal

@@ -65,7 +65,7 @@ RULES: dict[str, Rule] = {
         publish=(
             "node/+/raft/{name}",  # a Raft message names its sender last: no node can speak for another
             "node/{name}/load",
-            "ledger/propose",
+            "ledger/propose/{name}",
             "ledger/block/+",
             "ledger/head",
             "orch/placement/+",
@@ -79,7 +79,7 @@ RULES: dict[str, Rule] = {
         relay=("orch/request",),
     ),
     "service": Rule(
-        publish=("svc/{name}/out", "ledger/propose"),  # a service's output proves who wrote it
+        publish=("svc/{name}/out", "ledger/propose/{name}"),  # a service's output proves who wrote it
         subscribe=("dev/+/data", "svc/+/in", "svc/+/out"),
     ),
     "auditor": Rule(

@@ -110,7 +110,6 @@ def _run_node(args: argparse.Namespace) -> int:
         return NodeApplier(ledger, orchestrator)
 
     node = NodeDaemon(args.dir, args.id, services, options)
-    options.extra_subscriptions.append(node.topics.ledger_propose())
     assert isinstance(node.applier, NodeApplier)
     options.extra_subscriptions.extend(node.applier.subscriptions())
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -165,7 +164,7 @@ def _from_json(value: Any, key: str = "") -> Any:
 
 
 class Proposer:
-    """Seals record maps as the given member and publishes them on ledger/propose; waits for commit."""
+    """Seals record maps as the given member and publishes them on ledger/propose/<member>; waits for commit."""
 
     def __init__(self, directory: str, as_name: str | None = None) -> None:
         self.committed: set[tuple[str, int]] = set()
@@ -214,7 +213,7 @@ class Proposer:
         return wire, seq
 
     def propose(self, wire: bytes) -> None:
-        self.link.publish(self.cluster.topics.ledger_propose(), wire, qos=1)
+        self.link.publish(self.cluster.topics.ledger_propose(self.name), wire, qos=1)
 
     def wait(self, seqs: list[int], timeout: float, resend: dict[int, bytes] | None = None) -> list[int]:
         """Wait until every record is committed; returns the seqs still missing at the timeout.

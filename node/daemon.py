@@ -30,7 +30,9 @@ from tomq.node.raft.core import PhaseEvent, ProposalDropped, RaftConfig, RaftNod
 from tomq.node.raft.messages import Message
 from tomq.node.raft.storage import FileStorage
 from tomq.node.raft.transport import RaftTransport
+from tomq.node.raft.transport import log as transport_log
 from tomq.node.raft.types import Entry, EntryKind
+from tomq.node.refusals import Refusals
 from tomq.wire import ClockSequence, EnvelopeOpener, FileWatermarks, SequenceCounter, seal
 
 log = logging.getLogger("tomq.node")
@@ -124,11 +126,14 @@ class NodeDaemon:
             on_message=self._on_mqtt,
             threaded=False,  # run() pumps it: messages arrive and leave on the loop's thread
         )
+        self.metrics: NodeMetrics | None = None
+        self.refusal_kinds: dict[str, Refusals] = {}
         self.transport = RaftTransport(link=self.link, topics=self.topics, name=self.name, key=self.key,
                                        trust=self.trust, counter=self.counter, watermarks=self.watermarks,
-                                       on_batch=self._on_batch)
+                                       on_batch=self._on_batch, refusals=self.refusals("raft batch", transport_log))
         self.opener = EnvelopeOpener(self.trust, FileWatermarks(self.data_dir / "watermarks-proposals"))
         self.load_opener = EnvelopeOpener(self.trust, accepted_types=frozenset({"load"}))
+        self.load_refusals = self.refusals("load report", log)
         self.events: list[tuple[float, PhaseEvent]] = []
         self.stopping = threading.Event()
         self.applier = applier_factory(self)
@@ -138,7 +143,6 @@ class NodeDaemon:
         self.started = time.time()
         self.peer_reports: dict[str, tuple[float, dict[str, Any]]] = {}  # node -> (received at, report)
         self.last_status: dict[str, Any] = self.status()
-        self.metrics: NodeMetrics | None = None
         if self.options.metrics_port is not None:
             self.metrics = NodeMetrics(lambda: self.last_status, self._transport_counts)
 
@@ -194,6 +198,8 @@ class NodeDaemon:
                 if now >= next_tick:
                     self.raft.tick()
                     self.applier.tick(self)
+                    for refusals in self.refusal_kinds.values():
+                        refusals.flush()
                     self.last_status = self.status()
                     if now - self._last_report >= self.options.status_every:
                         self._last_report = now
@@ -304,18 +310,24 @@ class NodeDaemon:
     def sealed(self, type: str, body: Any) -> bytes:
         return seal(self.key, seq=self.counter.next(), time_ms=int(time.time() * 1000), type=type, body=body)
 
-    def open_envelope(self, payload: bytes) -> Any:
-        try:
-            return self.opener.open(payload, time.time())
-        except EnvelopeRejected as exc:
-            log.warning("refused envelope: %s", exc)
-            return None
+    def refusals(self, what: str, logger: logging.Logger) -> Refusals:
+        """Where this node's parts refuse inputs of one kind: shown in status, counted in Prometheus
+        (tomq_refused_total{what, sender, reason}), logged without letting a flood flood the log."""
+
+        def count(sender: str, reason: str) -> None:
+            if self.metrics is not None:
+                self.metrics.refused.labels(what=what, sender=sender, reason=reason).inc()
+
+        refusals = Refusals(what, logger, on_refuse=count)
+        self.refusal_kinds[what] = refusals
+        return refusals
 
     def status(self) -> dict[str, Any]:
         status = dict(self.raft.status())
         status.pop("progress", None)
         status["uptime"] = round(time.time() - self.started, 1)
         status["rejected"] = dict(self.transport.rejected)
+        status["refusals"] = {what: refusals.status() for what, refusals in self.refusal_kinds.items()}
         status["load"] = round(self.raft.load, 4)
         status.update(self.applier.status())
         return status
@@ -336,16 +348,18 @@ class NodeDaemon:
 
     def _on_load_report(self, topic: str, payload: bytes) -> None:
         sender = topic.split("/")[-2]
+        if self.load_refusals.is_quarantined(sender):
+            return
         try:
             envelope = self.load_opener.open(payload, time.time())
         except ReplayedEnvelope:
             return  # a retained report seen again after a reconnect
         except EnvelopeRejected as exc:
-            log.warning("refused load report on %s: %s", topic, exc)
+            self.load_refusals.refuse(sender, type(exc).__name__, str(exc))
             return
         certificate = self.trust.by_id(envelope.sender)
         if certificate is None or certificate.name != sender or certificate.role != "node":
-            log.warning("refused load report on %s signed by %s", topic, envelope.sender)
+            self.load_refusals.refuse(sender, "spoofed", f"load report on {topic} signed by {envelope.sender}")
             return
         body = envelope.body if isinstance(envelope.body, dict) else {}
         load = body.get("load")

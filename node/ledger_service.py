@@ -14,8 +14,11 @@ ledger directory (exclusive create; different bytes there are divergence) and as
 The audit lines (`audit/<type>`, one per record) do not wait for the certificate: the leader publishes
 them as it applies the block, i.e. as soon as a majority holds it, which is what "committed" means.
 
-Proposals arrive on `ledger/propose` as record envelopes. Only the leader batches them; the others
-ignore them (they get the same messages). A proposal lost in a leader change is not acknowledged: the
+Proposals arrive on `ledger/propose/<member>` as record envelopes; the broker lets a member publish
+only on its own, so the topic says who sent a proposal, and an envelope signed by anyone else is
+refused there ("spoofed"). Only the leader batches them; the others keep the last moments of them
+for a leader change. Refusals are counted and logged by member (node/refusals.py); a member that
+keeps sending forged or malformed ones is not listened to for a while. A proposal lost in a leader change is not acknowledged: the
 proposer sees its record on `audit/…` or in a block, or proposes again (same envelope, same seq).
 """
 
@@ -117,17 +120,22 @@ class LedgerService:
         self.cert_in_flight = -1
         self.was_leader = False
         self.ready_at = 0
-        self.early: list[bytes] = []
+        self.early: list[tuple[str, bytes]] = []  # (member, envelope)
         self.received_at: dict[tuple[str, int], float] = {}
         self.latencies: deque[float] = deque(maxlen=2000)
         self.committed_records = 0
-        self.refused: dict[str, int] = {}
+        self.refusals = node.refusals("proposal", log)
+        self._proposals_prefix = f"{node.topics.root}/ledger/propose/"
+        # One subscription per member that may propose (nodes and services), not a wildcard: a member
+        # in quarantine is unsubscribed, so the broker stops sending us its flood at all.
+        self.proposal_subscriptions: set[str] = set()
+        self.quarantine_gossip: dict[str, float] = {}
         self.seqs: dict[str, int] = {}  # proposer id -> highest committed record seq
         self.catchup_target = -1
         self.certify_target = -1  # applied blocks whose certificates are only in the shared directory
         self.backlog: list[Entry] = []
         self.compactable = 0  # highest Raft index up to which every block is certified
-        self.recent: deque[tuple[float, bytes]] = deque()
+        self.recent: deque[tuple[float, str, bytes]] = deque()  # (received, member, envelope)
         self.wants_leader = False
         self._load_store()
 
@@ -208,7 +216,19 @@ class LedgerService:
             self.catchup_target = max(self.catchup_target, height)
             self._catch_up()
 
+    def _sync_proposal_subscriptions(self) -> None:
+        wanted = {c.name for c in self.node.trust if c.role in ("node", "service")}
+        wanted -= set(self.refusals.quarantined())
+        if wanted == self.proposal_subscriptions:
+            return
+        for member in sorted(wanted - self.proposal_subscriptions):
+            self.node.link.subscribe(self.node.topics.ledger_propose(member))
+        for member in sorted(self.proposal_subscriptions - wanted):
+            self.node.link.unsubscribe(self.node.topics.ledger_propose(member))
+        self.proposal_subscriptions = wanted
+
     def tick(self, node: NodeDaemon) -> None:
+        self._sync_proposal_subscriptions()
         self._cut_block()
         if self.catchup_target > self.verifier.height or self.certify_target > self.certified:
             self._catch_up()
@@ -231,6 +251,13 @@ class LedgerService:
 
     def extras_for_peers(self) -> dict[str, Any]:
         now = time.monotonic()
+        extras: dict[str, Any] = {}
+        if now - self.last_gossip > 1.0 and self._is_leader():
+            # Followers do not check proposals' signatures, so they cannot tell a forgery flood from
+            # traffic: they stop listening to whom the leader stopped listening to.
+            quarantined = self.refusals.quarantined()
+            if quarantined:
+                extras["quarantine"] = {m: round(s, 1) for m, s in sorted(quarantined.items())[:64]}
         if now - self.last_gossip > 1.0:
             # Re-send our signatures of blocks still uncertified: a new leader may not have them.
             self.last_gossip = now
@@ -239,15 +266,19 @@ class LedgerService:
             self.own_unsent = [[h, self.block_files[h].block.hash, sigs[mine]]
                                for h, sigs in sorted(self.signatures.items())
                                if h in self.block_files and mine in sigs][:256]
-        if not self.own_unsent:
-            return {}
-        sigs, self.own_unsent = self.own_unsent, []
-        return {"sigs": sigs}
+        if self.own_unsent:
+            extras["sigs"], self.own_unsent = self.own_unsent, []
+        return extras
 
     def on_extras(self, sender: str, extras: dict[str, Any]) -> None:
         certificate = self.node.trust.by_name(sender)
         if certificate is None:
             return
+        quarantine = extras.get("quarantine")
+        if isinstance(quarantine, dict) and sender == self.node.raft.leader:
+            for member, seconds in list(quarantine.items())[:64]:
+                if isinstance(member, str) and isinstance(seconds, int | float) and 0 < seconds <= 300:
+                    self.refusals.impose(member, float(seconds), f"leader {sender}")
         for item in extras.get("sigs", []) if isinstance(extras.get("sigs"), list) else []:
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)):
                 continue
@@ -259,16 +290,19 @@ class LedgerService:
                 self.signatures.setdefault(height, {})[certificate.subject_id] = signature
 
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        if topic == self.node.topics.ledger_propose():
+        if topic.startswith(self._proposals_prefix):
+            member = topic[len(self._proposals_prefix):]
+            if self.refusals.is_quarantined(member):
+                return
             # Every node keeps the last moments of proposals: a node that becomes leader a little later
             # (a failover, or an on-demand election this very proposal triggers) batches them too.
             now = time.monotonic()
-            self.recent.append((now, payload))
+            self.recent.append((now, member, payload))
             while self.recent and now - self.recent[0][0] > RECENT_SECONDS:
                 self.recent.popleft()
             if self.node.options.mode == "on-demand" and self.node.raft.leader is None and not self._is_leader():
                 self.wants_leader = True
-            self._on_proposal(payload)
+            self._on_proposal(member, payload)
 
     def status(self) -> dict[str, Any]:
         latencies = sorted(self.latencies)
@@ -280,7 +314,7 @@ class LedgerService:
             "pending": len(self.pending),
             "commit_p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
             "commit_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2) if latencies else None,
-            "refused": dict(self.refused),
+            "refused": dict(self.refusals.by_reason),
             "divergent": self.divergent,
         }
 
@@ -310,19 +344,19 @@ class LedgerService:
             self.tentative_head = self.verifier.head_hash
             self.tentative_state = self.verifier.state
             self.tentative_seqs = dict(self.seqs)
-            candidates = {p: None for _, p in self.recent}
+            candidates = {(member, p): None for _, member, p in self.recent}
             candidates.update(dict.fromkeys(self.early))
             self.early = []
             # Replay in rising sequence order: the ledger takes a proposer's records only in that order.
-            for payload in sorted(candidates, key=_envelope_seq):
-                self._on_proposal(payload)
+            for member, payload in sorted(candidates, key=lambda item: _envelope_seq(item[1])):
+                self._on_proposal(member, payload, replaying=True)
 
     def submit(self, payload: bytes) -> None:
         """A record envelope this node sealed itself: batched here if we lead, else sent to the leader."""
         if self._is_leader():
-            self._on_proposal(payload)
+            self._on_proposal(self.node.name, payload)
         else:
-            self.node.link.publish(self.node.topics.ledger_propose(), payload, qos=1)
+            self.node.link.publish(self.node.topics.ledger_propose(self.node.name), payload, qos=1)
 
     def has_leader_work(self) -> bool:
         """Whether a leader is still needed here: records to batch, blocks in flight or uncertified."""
@@ -333,40 +367,48 @@ class LedgerService:
         """Leading, and every earlier term's block applied: what we plan from is the ledger's state."""
         return self._is_leader() and self.tentative_state is not None
 
-    def _refuse(self, reason: str, detail: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
-        if self.node.metrics is not None:
-            self.node.metrics.records_refused.labels(reason=reason).inc()
-        log.warning("refused proposal: %s", detail)
-
-    def _on_proposal(self, payload: bytes) -> None:
-        if not self._is_leader():
+    def _on_proposal(self, member: str, payload: bytes, *, replaying: bool = False) -> None:
+        """A proposal `member` published (the topic says so). `replaying`: from what this node kept while
+        following, re-read as it starts to lead; a copy of something already on the ledger is expected there."""
+        if not self._is_leader() or self.refusals.is_quarantined(member):
             return
         if self.tentative_state is None:
             if len(self.early) < 100_000:
-                self.early.append(payload)  # handled once earlier terms' blocks are applied
+                self.early.append((member, payload))  # handled once earlier terms' blocks are applied
             return
         try:
             envelope = self.proposal_opener.open(payload, time.time())
         except EnvelopeRejected as exc:
-            self._refuse(type(exc).__name__, str(exc))
-            return
-        key = (envelope.sender, envelope.seq)
-        if key in self.pending_ids or envelope.seq <= self.seqs.get(envelope.sender, 0):
-            return  # already batched, or at or below what the ledger holds from this proposer: a retry
-        if envelope.seq <= self.tentative_seqs.get(envelope.sender, 0):
-            # Sequence numbers must rise per proposer in ledger order (that is the ledger's replay
-            # protection); this one arrived after a later one was batched. The proposer re-seals it.
-            self._refuse("OutOfOrder", f"record {envelope.seq} from {envelope.sender} arrived after a later one; "
-                                       "propose it again with a new sequence number")
+            self.refusals.refuse(member, type(exc).__name__, str(exc))
             return
         sender = self.node.trust.by_id(envelope.sender)
         assert sender is not None
+        if sender.name != member:
+            # Someone else's envelope (a forgery would not have got this far; this is a copy) on this
+            # member's topic: only the signer itself may propose its records.
+            self.refusals.refuse(member, "spoofed", f"envelope {envelope.seq} signed by {sender.name} "
+                                                    f"published on {member}'s proposal topic")
+            return
+        key = (envelope.sender, envelope.seq)
+        if key in self.pending_ids or envelope.seq <= self.seqs.get(envelope.sender, 0):
+            # Already batched, or at or below what the ledger holds from this proposer: a redelivery or
+            # a replay. Counted (not a strike: QoS 1 redelivers), silently when re-reading our own copy.
+            if not replaying:
+                self.refusals.refuse(member, "replayed", f"record {envelope.seq} is already on the ledger "
+                                                         "or in a block being made", strike=False)
+            return
+        if envelope.seq <= self.tentative_seqs.get(envelope.sender, 0):
+            # Sequence numbers must rise per proposer in ledger order (that is the ledger's replay
+            # protection); this one arrived after a later one was batched. The proposer re-seals it.
+            self.refusals.refuse(member, "OutOfOrder", f"record {envelope.seq} arrived after a later one; "
+                                                       "propose it again with a new sequence number", strike=False)
+            return
         try:
             record = records.from_map(envelope.body)
             self.tentative_state = pattern.apply(self.tentative_state, record, sender.name)
         except (InvalidRecord, PeerError) as exc:
-            self._refuse(type(exc).__name__, f"from {sender.name}: {exc}")
+            # A signed record the rules refuse: the member's mistake or a race, not a forgery.
+            self.refusals.refuse(member, type(exc).__name__, str(exc), strike=False)
             return
         self.tentative_seqs[envelope.sender] = envelope.seq
         self.verifier.checked_envelopes.add(payload)  # verified once, here; not again when applied

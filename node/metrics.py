@@ -36,8 +36,9 @@ class NodeMetrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5), registry=self.registry)
         self.records_committed = Counter("tomq_ledger_records_committed", "records committed",
                                          registry=self.registry)
-        self.records_refused = Counter("tomq_ledger_records_refused", "proposals refused", ["reason"],
-                                       registry=self.registry)
+        # Senders are names the broker authenticated (from the topic), so the label set stays bounded.
+        self.refused = Counter("tomq_refused", "inputs refused, by kind, sender and reason",
+                               ["what", "sender", "reason"], registry=self.registry)
 
     def _count_reader(self, key: str) -> Callable[[], float]:
         return lambda: float(self._counts().get(key, 0))

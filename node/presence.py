@@ -68,7 +68,7 @@ class DevicePresence:
         self.said: dict[str, DeviceSaid] = {}
         self.watermarks = MemoryWatermarks()
         self.proposed: dict[str, float] = {}  # device -> when we last proposed its change
-        self.refused: dict[str, int] = {}
+        self.refusals = self.node.refusals("device state", log)
         # tick() runs every Raft tick; it compares with the ledger only when a message arrived, a block
         # was applied or a retry is due, not on every tick for every device ever heard of.
         self._changed = False
@@ -84,16 +84,20 @@ class DevicePresence:
     def on_message(self, topic: str, payload: bytes) -> None:
         try:
             parsed = parse(topic)
-            if parsed.kind != "device-state" or parsed.cluster != self.node.cluster.name:
-                return
-            device = parsed.params["device"]
+        except InvalidTopic as exc:
+            self.refusals.refuse(topic[:120], "InvalidTopic", str(exc))
+            return
+        if parsed.kind != "device-state" or parsed.cluster != self.node.cluster.name:
+            return
+        device = parsed.params["device"]
+        if self.refusals.is_quarantined(device):
+            return
+        try:
             said = self._check(device, payload)
         except ReplayedEnvelope:
             return  # the retained copy of a message already taken (a reconnect redelivers it)
-        except (EnvelopeRejected, InvalidCertificate, InvalidTopic) as exc:
-            reason = type(exc).__name__
-            self.refused[reason] = self.refused.get(reason, 0) + 1
-            log.warning("refused device state on %s: %s", topic, exc)
+        except (EnvelopeRejected, InvalidCertificate) as exc:
+            self.refusals.refuse(device, type(exc).__name__, str(exc))
             return
         self.said[device] = said
         self._changed = True
@@ -139,7 +143,7 @@ class DevicePresence:
 
     def status(self) -> dict[str, object]:
         return {"devices_said": {name: said.reason for name, said in sorted(self.said.items())},
-                "refused": dict(self.refused)}
+                "refused": dict(self.refusals.by_reason)}
 
     def _check(self, device: str, payload: bytes) -> DeviceSaid:
         certificate = self._certificate_in_join(device, payload)

@@ -1,6 +1,6 @@
 """A node daemon with a trivial state machine, for transport and daemon tests without the ledger.
 
-The leader proposes every payload published on ledger/propose; every node appends each committed
+The leader proposes every payload published on ledger/propose/<member>; every node appends each committed
 entry to members/<name>/applied.txt (hex, one per line) so the test can compare them.
 """
 
@@ -64,7 +64,7 @@ class AppendToFile:
         pass
 
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        if topic.endswith("/ledger/propose") and self.node.raft.role is Role.LEADER:
+        if "/ledger/propose/" in topic and self.node.raft.role is Role.LEADER:
             self.node.propose(payload)
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     options = NodeOptions(mode=mode, port=port, host="127.0.0.1")
     node = NodeDaemon(cluster_dir, name, AppendToFile, options)
-    options.extra_subscriptions.append(node.topics.ledger_propose())
+    options.extra_subscriptions.append(node.topics.ledger_proposals())
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     node.run()
 

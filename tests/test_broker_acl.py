@@ -109,7 +109,9 @@ def policy(cluster_dir: Path) -> Policy:
         ("n1", "node/n2/load", False),
         ("n1", "ledger/block/5", True),
         ("n1", "ledger/head", True),
-        ("n1", "ledger/propose", True),
+        ("n1", "ledger/propose/n1", True),
+        ("n1", "ledger/propose/n2", False),  # a proposal's topic names its sender
+        ("n1", "ledger/propose", False),
         ("n1", "ledger/other", False),
         ("n1", "orch/request", True),
         ("n1", "orch/placement/web", True),
@@ -120,7 +122,8 @@ def policy(cluster_dir: Path) -> Policy:
         ("n1", "svc/web/out", False),
         ("web", "svc/web/out", True),
         ("web", "svc/other/out", False),  # an output topic proves which service wrote it
-        ("web", "ledger/propose", True),
+        ("web", "ledger/propose/web", True),
+        ("web", "ledger/propose/n1", False),
         ("web", "ledger/block/5", False),
         ("web", "dev/s1/data", False),
     ],

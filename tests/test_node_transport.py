@@ -65,7 +65,7 @@ def leader_from_logs(nodes: dict[str, NodeProcess]) -> str | None:
 
 def test_three_nodes_replicate_and_survive_a_leader_kill(three_nodes):
     directory, broker, nodes = three_nodes
-    topic = cluster.load(directory).topics.ledger_propose()
+    topic = cluster.load(directory).topics.ledger_propose("n1")
     link = proposer(directory, broker.port)
     try:
         # Propose until something commits: that needs an elected leader.
@@ -105,7 +105,7 @@ def test_three_nodes_replicate_and_survive_a_leader_kill(three_nodes):
 
 def test_a_paused_follower_catches_up(three_nodes):
     directory, broker, nodes = three_nodes
-    topic = cluster.load(directory).topics.ledger_propose()
+    topic = cluster.load(directory).topics.ledger_propose("n1")
     link = proposer(directory, broker.port)
     try:
         assert wait_until(lambda: link.publish(topic, b"start") and bool(applied(directory, "n3")), 15, 0.3)
@@ -130,7 +130,7 @@ def test_a_paused_follower_catches_up(three_nodes):
 
 def test_nodes_ride_out_a_broker_restart(three_nodes):
     directory, broker, nodes = three_nodes
-    topic = cluster.load(directory).topics.ledger_propose()
+    topic = cluster.load(directory).topics.ledger_propose("n1")
     link = proposer(directory, broker.port)
     try:
         assert wait_until(lambda: link.publish(topic, b"before") and bool(applied(directory, "n2")), 15, 0.3)

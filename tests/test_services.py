@@ -116,7 +116,7 @@ def test_proposer_reseals_gives_up_and_takes_any_commit_of_the_datum():
     sent: list[bytes] = []
     clock = iter(range(1_000, 10**9, 7))
     proposer = LedgerProposer(key, Topics("t"), lambda topic, payload, qos: sent.append(payload),
-                              micros=lambda: next(clock))
+                              member="collector", micros=lambda: next(clock))
     outcomes: list[object] = []
 
     def reading(n: int) -> Record:

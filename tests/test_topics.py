@@ -21,7 +21,7 @@ T = Topics("city")
         (T.orch_placement("collector"), "orch-placement", {"service": "collector"}),
         (T.service_in("analyser"), "service-in", {"service": "analyser"}),
         (T.service_out("analyser"), "service-out", {"service": "analyser"}),
-        (T.ledger_propose(), "ledger-propose", {}),
+        (T.ledger_propose("web"), "ledger-propose", {"member": "web"}),
         (T.ledger_block(42), "ledger-block", {"height": "42"}),
         (T.ledger_head(), "ledger-head", {}),
         (T.audit("PROV-DATA"), "audit", {"record_type": "PROV-DATA"}),
@@ -90,7 +90,7 @@ def test_publish_rights_follow_design():
     sensor = default_publish_rights("sensor", "s1")
     assert any(filter_matches(f, "dev/s1/data") for f in sensor)
     assert not any(filter_matches(f, "dev/s2/data") for f in sensor)
-    assert not any(filter_matches(f, "ledger/propose") for f in sensor)
+    assert not any(filter_matches(f, "ledger/propose/s1") for f in sensor)
     node = default_publish_rights("node", "n1")
     assert any(filter_matches(f, "node/n2/raft/n1") for f in node)
     assert not any(filter_matches(f, "node/n2/raft/n3") for f in node)  # no spoofing another node

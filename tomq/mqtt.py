@@ -158,6 +158,12 @@ class MqttLink:
         if self._connected.is_set():
             self.client.subscribe(topic_filter, qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        if self._connected.is_set():
+            self.client.unsubscribe(topic_filter)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> bool:
         """Publish; returns False (never raises) when the client is not connected right now.
 

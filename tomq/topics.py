@@ -47,7 +47,7 @@ _PATTERNS: dict[str, tuple[str, ...]] = {
     "orch-placement": ("orch", "placement", "<service>"),
     "service-in": ("svc", "<service>", "in"),
     "service-out": ("svc", "<service>", "out"),
-    "ledger-propose": ("ledger", "propose"),
+    "ledger-propose": ("ledger", "propose", "<member>"),
     "ledger-block": ("ledger", "block", "<height>"),
     "ledger-head": ("ledger", "head"),
     "audit": ("audit", "<record_type>"),
@@ -95,8 +95,14 @@ class Topics:
     def service_out(self, service: str) -> str:
         return self._join("svc", check_segment(service, "service"), "out")
 
-    def ledger_propose(self) -> str:
-        return self._join("ledger", "propose")
+    def ledger_propose(self, member: str) -> str:
+        """Where `member` publishes its record proposals: the broker lets it publish only here, so the
+        topic names the sender of a flood or a forgery whatever the payload claims."""
+        return self._join("ledger", "propose", check_segment(member, "member"))
+
+    def ledger_proposals(self) -> str:
+        """The subscription filter for every member's proposals."""
+        return self._join("ledger", "propose", "+")
 
     def ledger_block(self, height: int) -> str:
         if not isinstance(height, int) or isinstance(height, bool) or height < 0:
@@ -168,7 +174,7 @@ def default_publish_rights(role: str, name: str) -> tuple[str, ...]:
             "svc/+/in",
         )
     if role == "service":
-        return (f"svc/{name}/out", "ledger/propose")
+        return (f"svc/{name}/out", f"ledger/propose/{name}")
     if role == "auditor":
         return ()
     raise InvalidTopic(f"role {role!r} is not one of {', '.join(ROLES)}")

@@ -10,14 +10,14 @@ QoS 0: Raft retransmits on its own (heartbeats, probes), and QoS 1 would only ad
 and, with paho's defaults, head-of-line stalls; lost messages are what the core is built for.
 
 Malformed or forged batches are counted and logged with the sender's name, never raised: one bad
-peer must not take the node down.
+peer must not take the node down, and one that keeps sending them is not listened to for a while
+(node/refusals.py), so a flood from a compromised node cannot spend this node's CPU on signatures.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +26,7 @@ from tomq.errors import EnvelopeRejected, InvalidTopic
 from tomq.identity import SigningKey
 from tomq.mqtt import MqttLink
 from tomq.node.raft.messages import MalformedRaftMessage, Message, decode, encode
+from tomq.node.refusals import Refusals
 from tomq.topics import Topics, parse
 from tomq.wire import EnvelopeOpener, SequenceCounter, SequenceWatermarks, seal
 
@@ -46,6 +47,7 @@ class RaftTransport:
         counter: SequenceCounter,
         watermarks: SequenceWatermarks,
         on_batch: BatchHandler,
+        refusals: Refusals | None = None,
     ) -> None:
         self.link = link
         self.topics = topics
@@ -55,7 +57,8 @@ class RaftTransport:
         self.counter = counter
         self.opener = EnvelopeOpener(trust, watermarks, max_bytes=8 * 1024 * 1024, accepted_types=frozenset({"raft"}))
         self.on_batch = on_batch
-        self.rejected: Counter[str] = Counter()  # reason -> count, for metrics and operators
+        self.refusals = refusals or Refusals("raft batch", log)
+        self.rejected = self.refusals.by_reason  # reason -> count, for metrics and operators
         self.sent_batches = 0
         self.received_batches = 0
 
@@ -87,6 +90,8 @@ class RaftTransport:
         if parsed.kind != "raft" or parsed.params["to"] != self.name:
             return
         sender = parsed.params["from"]
+        if self.refusals.is_quarantined(sender):
+            return
         try:
             envelope = self.opener.open(payload, time.time())
         except EnvelopeRejected as exc:
@@ -117,5 +122,4 @@ class RaftTransport:
         self.on_batch(sender, messages, extras if isinstance(extras, dict) else {})
 
     def _reject(self, reason: str, sender: str, detail: str) -> None:
-        self.rejected[reason] += 1
-        log.warning("refused raft batch from %s: %s", sender, detail)
+        self.refusals.refuse(sender, reason, detail)

@@ -1,7 +1,7 @@
 """Records onto the ledger, and knowing when they are on it: `LedgerProposer`.
 
 It seals records as the service identity (type "record", seq = a strictly rising microsecond
-clock), publishes them on ledger/propose, and takes a record's audit line (proposer = our key id,
+clock), publishes them on ledger/propose/<member>, and takes a record's audit line (proposer = our key id,
 seq = one of the seqs it was sealed with), its certified block, or any committed PROV-DATA for the
 same datum as the commit. Without that after RETRY_SECONDS it re-seals with a new seq (the ledger
 takes a proposer's records only in rising seq order) and proposes again; after MAX_PROPOSALS it
@@ -50,7 +50,7 @@ class _Outstanding:
 
 
 class LedgerProposer:
-    """Records out on ledger/propose; commits in from audit lines and certified blocks.
+    """Records out on ledger/propose/<member>; commits in from audit lines and certified blocks.
 
     `on_commit(height)` runs once per record, on the loop's thread; a record committed after it was
     given up still gets `on_commit` (a late commit), as long as it is remembered (LATE_COMMIT_SECONDS).
@@ -61,10 +61,11 @@ class LedgerProposer:
     LATE_COMMIT_SECONDS = 60.0
     REMEMBERED_DATA = 200_000  # committed data ids kept to recognise redelivered inputs
 
-    def __init__(self, key: SigningKey, topics: Topics, publish: Callable[[str, bytes, int], object],
-                 micros: Callable[[], int] = lambda: time.time_ns() // 1000) -> None:
+    def __init__(self, key: SigningKey, topics: Topics, publish: Callable[[str, bytes, int], object], *,
+                 member: str, micros: Callable[[], int] = lambda: time.time_ns() // 1000) -> None:
         self.key = key
         self.topics = topics
+        self.topic = topics.ledger_propose(member)  # the only proposal topic the broker lets `member` use
         self._publish = publish
         self._sequence = ClockSequence(micros)
         self._by_seq: dict[int, _Outstanding] = {}
@@ -100,7 +101,7 @@ class LedgerProposer:
         entry.proposals += 1
         entry.last_sent = now
         self._by_seq[seq] = entry
-        self._publish(self.topics.ledger_propose(), wire, 1)
+        self._publish(self.topic, wire, 1)
 
     def on_audit_line(self, line: Mapping[str, Any]) -> None:
         height = line.get("height")
