@@ -1,18 +1,22 @@
 """The deterministic fault simulator over many seeds, for both Raft modes (issue 3).
 
-Each seed runs 2,000 random steps of faults and traffic on 3, 5 or 7 nodes (by seed), checking the
+Each seed (400 per mode in CI, TOMQ_SIM_SEEDS to change) runs 2,000 random steps of faults and traffic on 3, 5 or 7 nodes (by seed), checking the
 safety properties after every step, then heals and checks liveness. A failure names its seed and
 the one-line command that replays it exactly (see tests/raft_sim.py).
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from raft_sim import InvariantViolation, Simulation, run_seed
 from tomq.node.raft.core import ON_DEMAND, STABLE
 
-SEEDS_PER_MODE = 1000
+# 400 per mode keeps CI's suite under its time budget (the nemesis runs need the room); run more with
+# TOMQ_SIM_SEEDS=1000 (what issue 3 was closed with) or bench/raft_sim.py.
+SEEDS_PER_MODE = int(os.environ.get("TOMQ_SIM_SEEDS", "400"))
 CHUNK = 100
 
 
