@@ -59,6 +59,7 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from tomq.broker.policy import Policy, load_policy
+from tomq.refusals import Refusals
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class TomqAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.source = policy_source(self.config.cluster_dir)
+        self.denials = Refusals("broker request", log)  # by member name: the one it logged in with
 
     async def authenticate(self, *, session: Session) -> bool | None:
         policy = self.source.current()
@@ -181,8 +183,11 @@ class TomqAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
                 allowed = False  # an action this plugin does not know is not an action it allows
         if not allowed and action != Action.RECEIVE:
             # RECEIVE refusals are routine (a node's `tomq/c/#` sees nothing it cannot read, but a
-            # session that was taken over would); publish and subscribe refusals are worth a line.
-            self.context.logger.info("denied %s %r for %r", action, topic, username)
+            # session that was taken over would); publish and subscribe refusals are worth a line, and
+            # a member hammering a forbidden topic gets a summary every 10 s, not a line per message.
+            kind = "publish" if action == Action.PUBLISH else "subscribe"
+            self.denials.refuse(username or "(anonymous)", f"{kind} not allowed", f"{kind} {topic[:200]!r}",
+                                strike=False)
         return allowed
 
 

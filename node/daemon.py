@@ -32,7 +32,7 @@ from tomq.node.raft.storage import FileStorage
 from tomq.node.raft.transport import RaftTransport
 from tomq.node.raft.transport import log as transport_log
 from tomq.node.raft.types import Entry, EntryKind
-from tomq.node.refusals import Refusals
+from tomq.refusals import Refusals
 from tomq.wire import ClockSequence, EnvelopeOpener, FileWatermarks, SequenceCounter, seal
 
 log = logging.getLogger("tomq.node")

@@ -17,7 +17,7 @@ them as it applies the block, i.e. as soon as a majority holds it, which is what
 Proposals arrive on `ledger/propose/<member>` as record envelopes; the broker lets a member publish
 only on its own, so the topic says who sent a proposal, and an envelope signed by anyone else is
 refused there ("spoofed"). Only the leader batches them; the others keep the last moments of them
-for a leader change. Refusals are counted and logged by member (node/refusals.py); a member that
+for a leader change. Refusals are counted and logged by member (tomq/refusals.py); a member that
 keeps sending forged or malformed ones is not listened to for a while. A proposal lost in a leader change is not acknowledged: the
 proposer sees its record on `audit/…` or in a block, or proposes again (same envelope, same seq).
 """

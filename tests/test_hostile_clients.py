@@ -248,3 +248,38 @@ def test_a_flood_of_bad_messages_at_the_leader_keeps_legitimate_commits_within_2
         assert "proposal from rogue: not listening to it for" in site.nodes[follower].tail(2000), follower
     assert rogue_key.id not in ledger_senders(site)
 
+
+
+def test_acl_violations_on_the_embedded_broker_are_refused_and_named_without_a_line_each(tmp_path):
+    from procs import AmqttBroker
+
+    directory = tmp_path / "cluster"
+    cluster.init(directory, ["n1", "n2", "n3"])
+    cluster.add_member(directory, "mallory", "sensor")
+    broker = AmqttBroker(directory, tmp_path / "broker")
+    broker.start()
+    seen: list[str] = []
+    try:
+        loaded = cluster.load(directory)
+        watcher = MqttLink(host="127.0.0.1", port=broker.port, username="n1",
+                           password=cluster.broker_password(loaded.signing_key("n1")),
+                           on_message=lambda topic, payload, retained: seen.append(topic))
+        watcher.start()
+        watcher.subscribe(f"{loaded.topics.root}/#")
+        mallory = MqttLink(host="127.0.0.1", port=broker.port, username="mallory",
+                           password=cluster.broker_password(loaded.signing_key("mallory")))
+        mallory.start()
+        forbidden = [loaded.topics.ledger_propose("mallory"), loaded.topics.raft("n1", "mallory"),
+                     loaded.topics.device_data("s1"), loaded.topics.ledger_block(7)]
+        for i in range(400):
+            mallory.publish(forbidden[i % len(forbidden)], b"x", qos=1)
+        mallory.publish(loaded.topics.device_data("mallory"), b"allowed", qos=1)  # the one it may use
+        assert wait_until(lambda: loaded.topics.device_data("mallory") in seen, 10, 0.1), seen
+        mallory.stop()
+        watcher.stop()
+    finally:
+        broker.close()
+    log = (tmp_path / "broker" / "amqtt.log").read_text()
+    assert not set(seen) & set(forbidden), "a forbidden publish was delivered"
+    lines = [line for line in log.splitlines() if "refused broker request from mallory (publish not allowed)" in line]
+    assert len(lines) == 1, log[-3000:]

@@ -1,4 +1,4 @@
-"""node/refusals.py: counts, a rate-limited log, and quarantine of a sender that keeps failing checks."""
+"""tomq/refusals.py: counts, a rate-limited log, and quarantine of a sender that keeps failing checks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tomq.node.refusals import Refusals
+from tomq.refusals import Refusals
 
 
 class Clock:
@@ -87,7 +87,7 @@ def test_refusals_that_are_not_strikes_never_quarantine(clock):
 
 
 def test_sender_names_are_bounded(clock, monkeypatch):
-    monkeypatch.setattr("tomq.node.refusals.MAX_SENDERS", 3)
+    monkeypatch.setattr("tomq.refusals.MAX_SENDERS", 3)
     refusals = make(clock, strikes=1000)
     for i in range(10):
         refusals.refuse(f"s{i}", "UnknownSender", "x")

@@ -11,7 +11,7 @@ and, with paho's defaults, head-of-line stalls; lost messages are what the core 
 
 Malformed or forged batches are counted and logged with the sender's name, never raised: one bad
 peer must not take the node down, and one that keeps sending them is not listened to for a while
-(node/refusals.py), so a flood from a compromised node cannot spend this node's CPU on signatures.
+(tomq/refusals.py), so a flood from a compromised node cannot spend this node's CPU on signatures.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tomq.errors import EnvelopeRejected, InvalidTopic
 from tomq.identity import SigningKey
 from tomq.mqtt import MqttLink
 from tomq.node.raft.messages import MalformedRaftMessage, Message, decode, encode
-from tomq.node.refusals import Refusals
+from tomq.refusals import Refusals
 from tomq.topics import Topics, parse
 from tomq.wire import EnvelopeOpener, SequenceCounter, SequenceWatermarks, seal
 

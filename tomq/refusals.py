@@ -1,7 +1,8 @@
-"""What a node refused, from whom, and why: counters, a log that a flood cannot flood, and quarantine.
+"""What a node or the broker refused, from whom, and why: counters, a log that a flood cannot flood,
+and quarantine.
 
-Every input a node refuses (a Raft batch, a proposal, a device's state message) is refused through a
-`Refusals` of its own kind, naming the sender as the topic names it: the broker lets a member
+Every input a node refuses (a Raft batch, a proposal, a device's state message), and every publish or
+subscribe the embedded broker denies, is refused through a `Refusals` of its own kind, naming the sender as the topic names it: the broker lets a member
 publish only on topics carrying its own name, so the topic, unlike a claim inside the payload, says
 who sent it. Operators see
 
