@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from procs import BROKERS, PYTHON, NodeProcess, free_port
+from procs import BROKERS, PYTHON, NodeProcess, free_port, leader_from_logs
 from tomq import cluster, records
 from tomq.node.cli import Proposer, write_genesis
 from tomq.records import DATA, ID_CREATE, Identity, Provenance, Record
@@ -63,13 +63,7 @@ class LedgerCluster:
 
     def leader(self) -> str | None:
         """The node that most recently logged becoming leader (highest term), from the nodes' logs."""
-        best: tuple[int, str] | None = None
-        for name, node in self.nodes.items():
-            for line in node.tail(5000).splitlines():
-                if "became leader of term" in line:
-                    term = int(line.rsplit(" ", 1)[1])
-                    best = max(best or (term, name), (term, name))
-        return best[1] if best else None
+        return leader_from_logs(self.nodes, 5000)
 
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{node.tail(40)}" for name, node in self.nodes.items())

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from netbed import BedProcess, NetBed
-from procs import PYTHON, free_port, which
+from procs import PYTHON, free_port, leader_from_logs, which
 from tomq import cluster
 from tomq.broker.mosquitto import write_mosquitto_config
 from tomq.node.cli import write_genesis
@@ -144,13 +144,7 @@ class NemesisCluster:
 
     def leader(self) -> str | None:
         """The node that most recently logged becoming leader (highest term)."""
-        best: tuple[int, str] | None = None
-        for name, node in self.nodes.items():
-            for line in node.tail(4000).splitlines():
-                if "became leader of term" in line:
-                    term = int(line.rsplit(" ", 1)[1])
-                    best = max(best or (term, name), (term, name))
-        return best[1] if best else None
+        return leader_from_logs(self.nodes)
 
     def acks(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """The client's acknowledgements so far, and its final line once it has exited."""

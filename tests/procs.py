@@ -12,8 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 PYTHON = sys.executable
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -44,6 +45,21 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, tim
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
+
+
+class HasLog(Protocol):
+    def tail(self, lines: int = 30) -> str: ...
+
+
+def leader_from_logs(nodes: Mapping[str, HasLog], lines: int = 4000) -> str | None:
+    """The node that most recently logged becoming leader (the highest term), from the nodes' logs."""
+    best: tuple[int, str] | None = None
+    for name, node in nodes.items():
+        for line in node.tail(lines).splitlines():
+            if "became leader of term" in line:
+                term = int(line.rsplit(" ", 1)[1])
+                best = max(best or (term, name), (term, name))
+    return best[1] if best else None
 
 
 def pid_alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require
-from procs import PYTHON, Mosquitto, NodeProcess, which
+from procs import PYTHON, Mosquitto, NodeProcess, leader_from_logs, which
 from tomq import cluster
 from tomq.mqtt import MqttLink, wait_until
 
@@ -52,15 +52,6 @@ def proposer(directory: Path, port: int) -> MqttLink:
     return link
 
 
-def leader_from_logs(nodes: dict[str, NodeProcess]) -> str | None:
-    """The node that most recently logged becoming leader (highest term)."""
-    best: tuple[int, str] | None = None
-    for name, node in nodes.items():
-        for line in node.tail(2000).splitlines():
-            if "became leader of term" in line:
-                term = int(line.rsplit(" ", 1)[1])
-                best = max(best or (term, name), (term, name))
-    return best[1] if best else None
 
 
 def test_three_nodes_replicate_and_survive_a_leader_kill(three_nodes):
