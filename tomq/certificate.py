@@ -109,7 +109,7 @@ def decode(data: bytes, operator: PublicKey) -> Certificate:
 def _check_fields(fields: object) -> None:
     if not isinstance(fields, dict) or set(fields) != _FIELDS:
         raise InvalidCertificate(f"certificate fields must be exactly {sorted(_FIELDS)}")
-    if fields["v"] != CERTIFICATE_VERSION:
+    if type(fields["v"]) is not int or fields["v"] != CERTIFICATE_VERSION:  # not True or 1.0 (fuzzing)
         raise InvalidCertificate(f"certificate version {fields['v']!r} is not {CERTIFICATE_VERSION}")
     if not isinstance(fields["subject"], bytes) or len(fields["subject"]) != 32:
         raise InvalidCertificate("certificate subject must be a 32-byte Ed25519 public key")
@@ -128,7 +128,7 @@ def _check_fields(fields: object) -> None:
         check_segment(fields["name"], "certificate name")
     except InvalidTopic as exc:
         raise InvalidCertificate(str(exc)) from None
-    if not isinstance(fields["issuer"], str):
+    if not isinstance(fields["issuer"], str) or not fields["issuer"].isprintable():  # quoted in refusals
         raise InvalidCertificate("certificate issuer must be an identity id")
 
 

@@ -350,7 +350,9 @@ def _fields(signed: bytes) -> dict[str, Any]:
     for name in ("v", "seq", "t"):
         if type(fields[name]) is not int:
             raise MalformedEnvelope(f"envelope field {name} must be an integer", sender)
-    if sender is None or not 0 < len(sender) <= 64:
+    # Printable: the sender goes into every refusal's message and log line, which must stay one line
+    # (a newline in `from` let a peer forge log lines; found by fuzzing).
+    if sender is None or not 0 < len(sender) <= 64 or not sender.isprintable():
         raise MalformedEnvelope("envelope field from must be an identity id")
     if type(fields["type"]) is not str:
         raise MalformedEnvelope("envelope field type must be text", sender)

@@ -234,6 +234,7 @@ def _header_problem(header: dict[str, Any]) -> str | None:
         if type(header[name]) is not bytes or len(header[name]) != HASH_BYTES:
             return f"{name} must be a {HASH_BYTES}-byte SHA-256 hash"
     proposer = header["proposer"]
-    if type(proposer) is not str or not 0 < len(proposer) <= MAX_ID_CHARS:
+    # Printable: verify.py names the proposer in its refusals, which must stay one line (found by fuzzing).
+    if type(proposer) is not str or not 0 < len(proposer) <= MAX_ID_CHARS or not proposer.isprintable():
         return "proposer must be an identity id"
     return None

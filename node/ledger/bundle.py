@@ -163,7 +163,7 @@ def decode_bundle(data: bytes) -> Bundle:
     if type(raw) is not dict or raw.keys() != _BUNDLE_FIELDS or raw["format"] != BUNDLE_FORMAT:
         raise LedgerInvalid(None, f"not an audit bundle: expected a {BUNDLE_FORMAT} map of exactly "
                                   f"{', '.join(sorted(_BUNDLE_FIELDS))}")
-    if raw["v"] != BUNDLE_VERSION:
+    if type(raw["v"]) is not int or raw["v"] != BUNDLE_VERSION:  # not True or 1.0
         raise LedgerInvalid(None, f"audit bundle version {raw['v']!r} is not {BUNDLE_VERSION}")
     first, last, blocks, operator = raw["from"], raw["to"], raw["blocks"], raw["operator"]
     if type(first) is not int or type(last) is not int or not 0 <= first <= last:
@@ -171,7 +171,8 @@ def decode_bundle(data: bytes) -> Bundle:
     if type(blocks) is not list or len(blocks) != last + 1 or not all(type(b) is bytes for b in blocks):
         raise LedgerInvalid(None, f"audit bundle for heights up to {last} must carry {last + 1} block files "
                                   "(every height from genesis)")
-    if type(operator) is not str or not 0 < len(operator) <= 64:
+    # Printable: the id is quoted in refusals, which must stay one line (fuzzing found a newline in one).
+    if type(operator) is not str or not 0 < len(operator) <= 64 or not operator.isprintable():
         raise LedgerInvalid(None, "audit bundle operator must be an identity id")
     return Bundle(operator, first, last, tuple(blocks))
 
@@ -351,7 +352,7 @@ def _envelope_fields(envelope: bytes, height: int, index: int) -> dict[str, Any]
     except canonical.CanonicalDecodeError as exc:
         raise LedgerInvalid(height, f"record {index} is not a signed envelope: {exc}") from None
     if (type(fields) is not dict or type(fields.get("from")) is not str or type(fields.get("t")) is not int
-            or fields.get("type") != "record"):
+            or fields.get("type") != "record" or "body" not in fields):  # no body: KeyError later (fuzzing)
         raise LedgerInvalid(height, f"record {index} is not a record envelope")
     return fields
 

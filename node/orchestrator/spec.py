@@ -77,11 +77,16 @@ _MAX_LIST = 256  # entries in any list field; a spec is a page of TOML, not a da
 _TOML_POSITION = re.compile(r"^(?P<message>.*?)\s*\(at line (?P<line>\d+), column (?P<column>\d+)\)$")
 
 
+def _one_line(text: str) -> str:
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 class SpecError(ConfigError):
     """A service spec is not valid; the message names the file, the field and the problem."""
 
     def __init__(self, source: str, field: str, problem: str) -> None:
-        super().__init__(f"{source}: {field}: {problem}")
+        # One line whatever the spec holds: a TOML quoted key may contain a newline (found by fuzzing).
+        super().__init__(f"{source}: {_one_line(field)}: {_one_line(problem)}")
         self.source = source
         self.field = field
         self.problem = problem

@@ -187,7 +187,10 @@ def _parse_hs(buf: bytes | memoryview, pos: int) -> tuple[HardState, int] | None
     if zlib.crc32(buf[pos + 6 : end]) != crc:
         return None
     term, commit, has_vote = _HS_PAYLOAD.unpack_from(buf, pos + _HS.size)
-    vote = bytes(buf[pos + _HS.size + _HS_PAYLOAD.size : end]).decode() if has_vote else None
+    try:
+        vote = bytes(buf[pos + _HS.size + _HS_PAYLOAD.size : end]).decode() if has_vote else None
+    except UnicodeDecodeError:  # a vote we never wrote, whatever its crc says: refuse it like a bad crc
+        return None
     return HardState(term, vote, commit), end
 
 
@@ -203,9 +206,18 @@ def _decode_snapshot(path: Path, buf: bytes) -> Snapshot:
     intact = buf[:8] == _SNAP_MAGIC and _SNAP.size + meta_len + data_len == len(buf)
     if not intact or zlib.crc32(buf[12:]) != crc:
         raise CorruptLogError(f"{path}: snapshot is not intact; {_RESTORE}")
-    meta = canonical.decode(buf[_SNAP.size : _SNAP.size + meta_len])
-    return Snapshot(SnapshotMeta(index, term, tuple(meta["voters"]), tuple(meta["decided"])),
-                    buf[_SNAP.size + meta_len :])
+    # The crc only says the bytes are as written; meta we did not write (a bug, an edit) must still stop the
+    # node with CorruptLogError, not a CanonicalDecodeError or KeyError from the middle of startup (fuzzing).
+    try:
+        meta = canonical.decode(buf[_SNAP.size : _SNAP.size + meta_len])
+        voters, decided = meta["voters"], meta["decided"]
+    except (canonical.CanonicalDecodeError, KeyError, TypeError, IndexError):
+        voters = decided = None
+    if (type(voters) is not list or type(decided) is not list or not all(type(v) is str for v in voters)
+            or not all(type(d) is bytes for d in decided)):
+        raise CorruptLogError(f"{path}: snapshot meta is not {{voters: [text], decided: [bytes]}}; "
+                              f"{_RESTORE}")
+    return Snapshot(SnapshotMeta(index, term, tuple(voters), tuple(decided)), buf[_SNAP.size + meta_len :])
 
 
 def _scan(
