@@ -57,11 +57,17 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
+from prometheus_client import CollectorRegistry, Counter
 
 from tomq.broker.policy import Policy, load_policy
 from tomq.refusals import Refusals
 
 log = logging.getLogger(__name__)
+
+# One broker per process: what `tomq broker --metrics-port` serves.
+METRICS = CollectorRegistry()
+REFUSED = Counter("tomq_broker_refused", "publishes and subscribes the ACL denied, by member (its login name)",
+                  ["member", "reason"], registry=METRICS)
 
 
 class PolicySource:
@@ -150,7 +156,8 @@ class TomqAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.source = policy_source(self.config.cluster_dir)
-        self.denials = Refusals("broker request", log)  # by member name: the one it logged in with
+        self.denials = Refusals("broker request", log,  # by member name: the one it logged in with
+                                on_refuse=lambda member, reason: REFUSED.labels(member, reason).inc())
 
     async def authenticate(self, *, session: Session) -> bool | None:
         policy = self.source.current()

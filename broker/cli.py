@@ -29,6 +29,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--tls", action="store_true",
                         help="also listen with TLS; CA and server certificate are issued into DIR/broker/tls/")
     parser.add_argument("--tls-port", type=int, help="port of the TLS listener (default: --port + 1)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics (tomq_broker_refused_total by member) on 127.0.0.1:PORT")
     parser.add_argument("--mosquitto-conf", metavar="OUT",
                         help="write OUT/mosquitto.conf, OUT/passwd and OUT/acl and exit; starts no broker")
     parser.set_defaults(run=run)
@@ -36,7 +38,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("port", "tls_port"):
+    for name in ("port", "tls_port", "metrics_port"):
         value = getattr(args, name)
         if value is not None and not 0 < value < 65536:
             raise ConfigError(f"--{name.replace('_', '-')} {value} is not between 1 and 65535")
@@ -54,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from tomq.broker.embedded import EmbeddedBroker
 
     broker = EmbeddedBroker(args.dir, host=args.host, port=args.port, tls=args.tls, tls_port=args.tls_port)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from tomq.broker.amqtt_plugins import METRICS
+
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=METRICS)  # the operator's scraper only
 
     def announce() -> None:
         print(f"tomq broker for cluster {broker.cluster} on mqtt://{broker.host}:{broker.port}", flush=True)

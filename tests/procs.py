@@ -134,11 +134,13 @@ class AmqttBroker(Mosquitto):
 
     name = "amqtt"
 
-    def __init__(self, cluster_dir: Path, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, cluster_dir: Path, workdir: Path, port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         self.cluster_dir = cluster_dir
         self.workdir = workdir
+        self.extra_args = extra_args
         self.log = open(workdir / "amqtt.log", "ab")
         self.process = None
 
@@ -147,7 +149,7 @@ class AmqttBroker(Mosquitto):
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "tomq", "broker", str(self.cluster_dir), "--port", str(self.port)],
+            [PYTHON, "-m", "tomq", "broker", str(self.cluster_dir), "--port", str(self.port), *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.process, timeout=20)
 

@@ -251,14 +251,16 @@ def test_a_flood_of_bad_messages_at_the_leader_keeps_legitimate_commits_within_2
 
 
 def test_acl_violations_on_the_embedded_broker_are_refused_and_named_without_a_line_each(tmp_path):
-    from procs import AmqttBroker
+    from procs import AmqttBroker, free_port
 
     directory = tmp_path / "cluster"
     cluster.init(directory, ["n1", "n2", "n3"])
     cluster.add_member(directory, "mallory", "sensor")
-    broker = AmqttBroker(directory, tmp_path / "broker")
+    metrics_port = free_port()
+    broker = AmqttBroker(directory, tmp_path / "broker", extra_args=("--metrics-port", str(metrics_port)))
     broker.start()
     seen: list[str] = []
+    counted = 0.0
     try:
         loaded = cluster.load(directory)
         watcher = MqttLink(host="127.0.0.1", port=broker.port, username="n1",
@@ -275,6 +277,10 @@ def test_acl_violations_on_the_embedded_broker_are_refused_and_named_without_a_l
             mallory.publish(forbidden[i % len(forbidden)], b"x", qos=1)
         mallory.publish(loaded.topics.device_data("mallory"), b"allowed", qos=1)  # the one it may use
         assert wait_until(lambda: loaded.topics.device_data("mallory") in seen, 10, 0.1), seen
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        found = re.search(r'^tomq_broker_refused_total\{member="mallory",reason="publish not allowed"\} (\S+)$',
+                          metrics, re.M)
+        counted = float(found.group(1)) if found else 0.0
         mallory.stop()
         watcher.stop()
     finally:
@@ -283,3 +289,4 @@ def test_acl_violations_on_the_embedded_broker_are_refused_and_named_without_a_l
     assert not set(seen) & set(forbidden), "a forbidden publish was delivered"
     lines = [line for line in log.splitlines() if "refused broker request from mallory (publish not allowed)" in line]
     assert len(lines) == 1, log[-3000:]
+    assert counted == 400, counted  # and each one counted, by the member's name
