@@ -11,8 +11,8 @@ alone, so a failing seed names the same faults when run again; the cluster's own
 TCP retransmits) is real and is not replayed.
 
 What each fault does to the real system:
-    partition         one or two nodes cut (both ways) from the broker, so from everyone: with one broker
-                      every message between nodes passes through it
+    partition         one or two nodes (and half the time the client) cut both ways from the broker, so
+                      from everyone: with one broker every message between nodes passes through it
     leader-isolation  the current leader cut from every other host
     one-way           a node's packets to the broker dropped, or the broker's to the node (one direction)
     kill-restart      a node SIGKILLed (the leader half of the time) and started again
@@ -196,6 +196,10 @@ class Nemesis:
 
     def _partition(self) -> tuple[str, Callable[[], str]]:
         cut = sorted(self.rng.sample(NODES, self.rng.choice((1, 2))))
+        if self.rng.random() < 0.5:
+            # The client too: its proposals in flight are lost with the link, and its re-sealed
+            # retries must still commit exactly once.
+            cut.append("client")
         for name in cut:
             self.bed.cut(name, "broker")
         return ",".join(cut) + " | broker", self._heal_links
