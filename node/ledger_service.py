@@ -147,7 +147,8 @@ class LedgerService:
         if not stored.exists():
             if not genesis_path.exists():
                 raise TomqError(f"{genesis_path} is missing; create it with: tomq ledger genesis {self.node.cluster.directory}")
-            stored.write_bytes(genesis_path.read_bytes())
+            # Atomically: a crash mid-write on first start would leave a torn genesis that stops the node.
+            replace_file(stored, genesis_path.read_bytes())
         height = 0
         while True:
             path = self.store / block_file_name(height)
