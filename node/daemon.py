@@ -38,6 +38,13 @@ from tomq.wire import ClockSequence, EnvelopeOpener, FileWatermarks, SequenceCou
 log = logging.getLogger("tomq.node")
 
 
+# The peers' Raft batch watermarks (replay protection) are written as batches arrive and fsynced
+# this often, not with every Raft fsync: a second fsync there sat between a follower's append and
+# its acknowledgement. A power cut can lose the last second of them; a replayed batch from that
+# second is one Raft already tolerates (it is built for duplicated and delayed messages), and a
+# process crash loses nothing (the lines are in the kernel's page cache).
+WATERMARK_SYNC_SECONDS = 1.0
+
 class Applier(Protocol):
     """The replicated state machine behind the log (the ledger)."""
 
@@ -140,6 +147,7 @@ class NodeDaemon:
         if loaded.snapshot is not None:
             self.applier.restore(loaded.snapshot.data)
         self._last_report = 0.0
+        self._watermarks_synced = 0.0
         self.started = time.time()
         self.peer_reports: dict[str, tuple[float, dict[str, Any]]] = {}  # node -> (received at, report)
         self.last_status: dict[str, Any] = self.status()
@@ -200,6 +208,9 @@ class NodeDaemon:
                     self.applier.tick(self)
                     for refusals in self.refusal_kinds.values():
                         refusals.flush()
+                    if now - self._watermarks_synced >= WATERMARK_SYNC_SECONDS:
+                        self._watermarks_synced = now
+                        self.watermarks.flush()
                     self.last_status = self.status()
                     if now - self._last_report >= self.options.status_every:
                         self._last_report = now
@@ -283,12 +294,11 @@ class NodeDaemon:
             wrote = True
             self._durable_index = ready.entries[-1].index  # once the sync below returns
         if ready.hard_state is not None:
-            self.storage.set_hard_state(ready.hard_state)
+            self.storage.set_hard_state(ready.hard_state, durable=ready.durable_hard_state)
             wrote = wrote or ready.durable_hard_state  # a new commit index alone needs no fsync
         if wrote:
             started = time.monotonic()
             self.storage.sync()  # the ordering rule: nothing below leaves before this returns
-            self.watermarks.flush()
             self.last_persist_seconds = time.monotonic() - started
 
     def _maybe_compact(self) -> None:

@@ -85,7 +85,8 @@ class LoadedState:
 class Storage(Protocol):
     def load(self) -> LoadedState: ...
     def append(self, entries: Sequence[Entry]) -> None: ...
-    def set_hard_state(self, hs: HardState) -> None: ...
+    def set_hard_state(self, hs: HardState, *, durable: bool = True) -> None:
+        """`durable=False`: only the commit index moved (volatile in Raft); sync() need not cover it."""
     def save_snapshot(self, snapshot: Snapshot) -> None: ...
     def sync(self) -> None: ...
     def close(self) -> None: ...
@@ -124,7 +125,7 @@ class MemoryStorage:
         del self._entries[entries[0].index - snap - 1 :]
         self._entries.extend(entries)
 
-    def set_hard_state(self, hs: HardState) -> None:
+    def set_hard_state(self, hs: HardState, *, durable: bool = True) -> None:
         self._hs = hs
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
@@ -462,7 +463,7 @@ class FileStorage:
             self.sync()
 
     @_fatal_on_oserror
-    def set_hard_state(self, hs: HardState) -> None:
+    def set_hard_state(self, hs: HardState, *, durable: bool = True) -> None:
         self._check_usable()
         if hs == self._hs:
             return
@@ -476,9 +477,13 @@ class FileStorage:
             # Appending, never overwriting: a torn write leaves the previous record intact before it.
             _write_all(self._fds["hardstate"], record, self._hs_end)
             self._hs_end += len(record)
-            self._hs_dirty = True
+            # A commit-index-only record is left to the page cache (the next durable record's fsync
+            # takes it along): a second fsync beside every log append, on a follower's path to its
+            # acknowledgement, bought nothing Raft needs. A power cut may lose it, or tear it as the
+            # file's tail, which opening repairs; the commit index then briefly goes back, as Raft allows.
+            self._hs_dirty = self._hs_dirty or durable
         self._hs = hs
-        if self._sync_each:
+        if self._sync_each and durable:
             self.sync()
 
     @_fatal_on_oserror
