@@ -141,7 +141,8 @@ class Actuation:
         for ack in self.acks:
             self._acknowledge(ack)
         self.acks.clear()
-        certified = self.ledger.certified
+        # Certified and on this node's disk: the command carries the block file's certificate.
+        certified = min(self.ledger.certified, self.ledger.stored)
         for pending in self.to_send:
             if pending.height <= certified and pending.command_id not in self.sent:
                 self.sent.add(pending.command_id)

@@ -63,8 +63,8 @@ class NodeApplier:
         node.raft.hold(self.ledger.has_leader_work() or self.orchestrator.has_leader_work()
                        or self.actuation.has_leader_work())
 
-    def extras_for_peers(self) -> dict[str, Any]:
-        return self.ledger.extras_for_peers()
+    def extras_for_peers(self, peers: list[str], sending: set[str]) -> dict[str, dict[str, Any]]:
+        return self.ledger.extras_for_peers(peers, sending)
 
     def on_extras(self, sender: str, extras: dict[str, Any]) -> None:
         self.ledger.on_extras(sender, extras)
@@ -89,3 +89,4 @@ class NodeApplier:
 
     def close(self) -> None:
         self.orchestrator.close()
+        self.ledger.close()

@@ -60,7 +60,8 @@ class Applier(Protocol):
 
     def after_input(self, node: NodeDaemon) -> None: ...
 
-    def extras_for_peers(self) -> dict[str, Any]: ...
+    def extras_for_peers(self, peers: list[str], sending: set[str]) -> dict[str, dict[str, Any]]:
+        """peer -> extras for the Raft batches going out now (`sending`: peers that get messages anyway)."""
 
     def on_extras(self, sender: str, extras: dict[str, Any]) -> None: ...
 
@@ -249,27 +250,33 @@ class NodeDaemon:
             overlap = ready.send_before_persist
             if not overlap:
                 self._persist(ready)
-            extras = self.applier.extras_for_peers()
-            peers = {p: extras for p in self.raft.voters if p != self.name} if extras else None
-            if ready.messages or peers:
-                self.transport.send(ready.messages, peers)
             # A leader's committed entries are already on its disk (a follower's acknowledgement of
             # them was handled after our earlier fsync), so they may be applied before the new ones
             # are written; with one voter an entry commits in the Ready that appends it, so check.
             apply_first = overlap and ready.restore is None and all(
                 entry.index <= self._durable_index for entry in ready.committed)
-            if apply_first:
+            # With nothing new to replicate, what goes out only tells the followers the commit index:
+            # apply first, so the audit lines (what clients wait for) leave before those notices.
+            apply_now = apply_first and not ready.entries and ready.snapshot is None
+            if apply_now:
+                self._apply(ready)
+            extras = self.applier.extras_for_peers(self._peers(), {m.to for m in ready.messages})
+            if ready.messages or extras:
+                self.transport.send(ready.messages, extras)
+            if apply_first and not apply_now:
                 self._apply(ready)
             if overlap:
                 self._persist(ready)  # the core allows a leader's appends to go out first
             if not apply_first:
                 self._apply(ready)
             self._maybe_compact()
-        # What applying produced (the ledger's commit signatures) goes out now, not with the next
-        # heartbeat: the leader is waiting for it to certify the block.
-        extras = self.applier.extras_for_peers()
+        # What the applier has for everyone (its periodic gossip) goes out without waiting for a message.
+        extras = self.applier.extras_for_peers(self._peers(), set())
         if extras:
-            self.transport.send([], {p: extras for p in self.raft.voters if p != self.name})
+            self.transport.send([], extras)
+
+    def _peers(self) -> list[str]:
+        return sorted(p for p in self.raft.voters if p != self.name)
 
     def _apply(self, ready: Ready) -> None:
         now = time.time()

@@ -2,8 +2,9 @@
 
 This is the `Applier` the node daemon drives. Raft entries carry one of two things, as canonical CBOR:
 
-    {"t": "block", "file": <block file without certificate>}   a batch of records, proposed by the leader
-    {"t": "cert", "certs": [[height, hash, {signer id: sig}], ...]}   commit certificates, ditto
+    {"t": "block", "file": <block file without certificate>, "certs": [...]}   a batch of records,
+        proposed by the leader; "certs" (optional) certifies earlier blocks, as below
+    {"t": "cert", "certs": [[height, hash, {signer id: sig}], ...]}   commit certificates alone
 
 Applying a block checks it exactly as an auditor would (ChainVerifier without the certificate) and
 then, because every node decides on the same committed bytes, every node accepts or skips the same
@@ -49,7 +50,7 @@ from tomq.node.ledger.block import (
     sign_block,
     verify_commit_signature,
 )
-from tomq.node.ledger.shared_dir import LedgerDivergence, SharedLedgerError, put_block_file
+from tomq.node.ledger.block_writer import BlockWriter
 from tomq.node.ledger.verify import ChainVerifier, LedgerInvalid
 from tomq.node.orchestrator.state import AppliedRecord
 from tomq.node.raft.core import Role
@@ -63,6 +64,9 @@ log = logging.getLogger("tomq.ledger")
 
 RECENT_SECONDS = 2.0  # how long every node remembers proposals, for the next leader to batch
 MAX_BLOCKS_IN_FLIGHT = 2  # proposed but not yet applied
+# Certificates ride in the next block's entry when one is cut; alone (a Raft round of their own: an
+# fsync on every node, six MQTT hops, signatures) only at the next tick after none was. Under load that
+# halves the Raft rounds per block; a quiet cluster's last block is certified up to a tick later.
 
 
 class _NoReplayCheck:
@@ -106,10 +110,7 @@ class LedgerService:
         self.signatures: dict[int, dict[str, bytes]] = {}  # height -> signer id -> commit signature
         self.own_unsent: list[list[Any]] = []
         self.last_gossip = 0.0
-        self.divergent = False  # set once the shared directory disagreed: this node stops writing there
-        self.shared_next = 0  # lowest certified height not yet confirmed in the shared directory
-        self.divergence_strikes: dict[int, int] = {}
-        self.last_shared_error = 0.0
+        self.last_catchup_error = 0.0
         # leader-only state
         self.pending: list[_Pending] = []
         self.pending_ids: set[tuple[str, int]] = set()
@@ -137,7 +138,12 @@ class LedgerService:
         self.compactable = 0  # highest Raft index up to which every block is certified
         self.recent: deque[tuple[float, str, bytes]] = deque()  # (received, member, envelope)
         self.wants_leader = False
+        # (Raft index, certified height) of certificate entries applied: the log may be compacted to
+        # such an index once the writer has that height durably in the store.
+        self.compact_candidates: deque[tuple[int, int]] = deque()
         self._load_store()
+        self.writer = BlockWriter(self.store, ledger_dir, stored=self.certified, speak=self._speak_soon)
+        self.writer.start()
 
     # ------------------------------------------------------------------ startup
 
@@ -183,16 +189,34 @@ class LedgerService:
         if not isinstance(item, dict):
             return
         if item.get("t") == "block" and isinstance(item.get("file"), bytes):
+            if isinstance(item.get("certs"), list):
+                self._apply_certs(item["certs"])  # of earlier blocks: before this one, whatever it holds
             self._apply_block(entry, item["file"])
         elif item.get("t") == "cert" and isinstance(item.get("certs"), list):
             self._apply_certs(item["certs"])
             if self.certified == self.verifier.height:
-                # Every block up to here is certified, hence in the shared directory: the Raft log may
-                # be compacted this far, and a node restored from such a snapshot can fetch them all.
-                self.compactable = entry.index
+                # Every block up to here is certified, so (once the writer has put it there) in the
+                # store and the shared directory: the Raft log may be compacted this far, and a node
+                # restored from such a snapshot can fetch them all.
+                self.compact_candidates.append((entry.index, self.certified))
 
     def compactable_index(self) -> int:
+        while self.compact_candidates and self.compact_candidates[0][1] <= self.writer.stored:
+            self.compactable = self.compact_candidates.popleft()[0]
         return self.compactable
+
+    def close(self) -> None:
+        self.writer.stop()
+
+    @property
+    def stored(self) -> int:
+        """The highest height whose certified file is on this node's disk."""
+        return self.writer.stored
+
+    @property
+    def divergent(self) -> bool:
+        """The shared directory disagreed with us: this node no longer writes there."""
+        return self.writer.divergent
 
     def snapshot(self) -> bytes:
         # Blocks themselves live in the store (and the shared directory); the Raft snapshot only records
@@ -231,6 +255,7 @@ class LedgerService:
     def tick(self, node: NodeDaemon) -> None:
         self._sync_proposal_subscriptions()
         self._cut_block()
+        self._maybe_propose_certificates()
         if self.catchup_target > self.verifier.height or self.certify_target > self.certified:
             self._catch_up()
         if self.wants_leader:
@@ -242,34 +267,47 @@ class LedgerService:
                 self.wants_leader = False
                 self.node.raft.campaign()
         self._follow_leadership()
-        self._maybe_propose_certificates()
-        self._sync_shared_dir()
 
     def after_input(self, node: NodeDaemon) -> None:
         self._follow_leadership()
         self._cut_block()
-        self._maybe_propose_certificates()  # as soon as a majority has signed, not at the next tick
 
-    def extras_for_peers(self) -> dict[str, Any]:
+    def extras_for_peers(self, peers: list[str], sending: set[str]) -> dict[str, dict[str, Any]]:
+        """What rides with this node's Raft batches, per peer.
+
+        A fresh commit signature goes to the leader alone, with the next message we send it anyway
+        (an append acknowledgement, or a heartbeat's answer within a tick): only the leader certifies,
+        certificates ride in the next block (or go alone at a tick), and a batch of its own would cost
+        a signature and an MQTT hop here and two signature checks there, on the cores the commit path
+        shares. Once a second every peer gets all our signatures of uncertified blocks, so that a new
+        leader has them.
+        """
         now = time.monotonic()
-        extras: dict[str, Any] = {}
-        if now - self.last_gossip > 1.0 and self._is_leader():
-            # Followers do not check proposals' signatures, so they cannot tell a forgery flood from
-            # traffic: they stop listening to whom the leader stopped listening to.
-            quarantined = self.refusals.quarantined()
-            if quarantined:
-                extras["quarantine"] = {m: round(s, 1) for m, s in sorted(quarantined.items())[:64]}
         if now - self.last_gossip > 1.0:
-            # Re-send our signatures of blocks still uncertified: a new leader may not have them.
             self.last_gossip = now
+            extras: dict[str, Any] = {}
+            if self._is_leader():
+                # Followers do not check proposals' signatures, so they cannot tell a forgery flood
+                # from traffic: they stop listening to whom the leader stopped listening to.
+                quarantined = self.refusals.quarantined()
+                if quarantined:
+                    extras["quarantine"] = {m: round(s, 1) for m, s in sorted(quarantined.items())[:64]}
             mine = self.node.key.id
             # The oldest first: certificates are issued in height order, so those unblock the rest.
-            self.own_unsent = [[h, self.block_files[h].block.hash, sigs[mine]]
-                               for h, sigs in sorted(self.signatures.items())
-                               if h in self.block_files and mine in sigs][:256]
-        if self.own_unsent:
-            extras["sigs"], self.own_unsent = self.own_unsent, []
-        return extras
+            sigs = [[h, self.block_files[h].block.hash, by_signer[mine]]
+                    for h, by_signer in sorted(self.signatures.items())
+                    if h in self.block_files and mine in by_signer][:256]
+            self.own_unsent = []
+            if sigs:
+                extras["sigs"] = sigs
+            return {peer: extras for peer in peers} if extras else {}
+        leader = self.node.raft.leader
+        if not self.own_unsent or leader is None or leader == self.node.name or leader not in sending:
+            if leader == self.node.name:
+                self.own_unsent = []  # the leader counts its own signature where it made it
+            return {}
+        unsent, self.own_unsent = self.own_unsent, []
+        return {leader: {"sigs": unsent}}
 
     def on_extras(self, sender: str, extras: dict[str, Any]) -> None:
         certificate = self.node.trust.by_name(sender)
@@ -432,9 +470,15 @@ class LedgerService:
                            time_ms=int(time.time() * 1000), proposer=self.node.key.id,
                            records=[p.envelope for p in batch])
         block_file = encode_block_file(BlockFile(block, sign_block(self.node.key, block), {}))
-        if not self.node.propose(canonical.encode({"t": "block", "file": block_file})):
+        entry: dict[str, Any] = {"t": "block", "file": block_file}
+        certs = self._ready_certificates()
+        if certs:
+            entry["certs"] = certs
+        if not self.node.propose(canonical.encode(entry)):
             self.pending = batch + self.pending
             return
+        if certs:
+            self.cert_in_flight = certs[-1][0]
         for item in batch:
             self.pending_ids.discard((item.proposer_id, item.seq))
             self.received_at[(item.proposer_id, item.seq)] = item.received
@@ -442,20 +486,29 @@ class LedgerService:
         self.tentative_head = block.hash
 
     def _maybe_propose_certificates(self) -> None:
+        """Certificates no block took along: alone, once a tick."""
         if not self._is_leader():
             return
+        certs = self._ready_certificates()
+        if certs and self.node.propose(canonical.encode({"t": "cert", "certs": certs})):
+            self.cert_in_flight = certs[-1][0]
+
+    def _ready_certificates(self) -> list[list[Any]]:
+        """[height, hash, signatures] for each block, in height order, that a majority has signed and
+        no entry in flight certifies yet."""
+        if not self._is_leader():
+            return []
         nodes = self._node_ids()
         needed = len(nodes) // 2 + 1
-        certs: list[tuple[int, bytes, dict[str, bytes]]] = []
+        certs: list[list[Any]] = []
         for height in range(max(self.certified, self.cert_in_flight) + 1, self.verifier.height + 1):
             block_file = self.block_files.get(height)
             sigs = {s: sig for s, sig in self.signatures.get(height, {}).items() if s in nodes}
             if block_file is None or len(sigs) < needed:
                 break  # certify in order
             chosen = dict(sorted(sigs.items())[:needed])
-            certs.append((height, block_file.block.hash, chosen))
-        if certs and self.node.propose(canonical.encode({"t": "cert", "certs": [list(c) for c in certs]})):
-            self.cert_in_flight = certs[-1][0]
+            certs.append([height, block_file.block.hash, chosen])
+        return certs
 
     def _node_ids(self) -> set[str]:
         ids = set()
@@ -554,48 +607,15 @@ class LedgerService:
             self.certified = height
             del self.block_files[height]
             self.signatures.pop(height, None)
-            self._publish(height, final, data)
+            if self.ledger_dir is None and self._is_leader():
+                self._speak(height, final, data)  # without a shared directory the leader speaks
 
     def _write_store(self, height: int, data: bytes) -> None:
-        replace_file(self.store / block_file_name(height), data)
+        self.writer.put(height, data)
 
-    def _sync_shared_dir(self, budget: int = 200) -> None:
-        """Put every certified block into the shared directory, in order, retrying what failed.
-
-        A GlusterFS mount can refuse writes for a while (no quorum, ENOTCONN); the store keeps every
-        block, so a height that failed is written on a later tick instead of leaving a gap.
-        """
-        if self.ledger_dir is None or self.divergent:
-            return
-        while self.shared_next <= self.certified and budget > 0:
-            budget -= 1
-            height = self.shared_next
-            try:
-                data = (self.store / block_file_name(height)).read_bytes()
-                result = put_block_file(self.ledger_dir, data)
-            except LedgerDivergence as exc:
-                # A read racing a brick's self-heal can look like different bytes: be sure before
-                # stopping for good. Three disagreements on one height, a tick apart, are divergence.
-                strikes = self.divergence_strikes[height] = self.divergence_strikes.get(height, 0) + 1
-                if strikes >= 3:
-                    self.divergent = True
-                    log.error("LEDGER DIVERGENCE: %s; this node stops writing to %s", exc, self.ledger_dir)
-                return
-            except (SharedLedgerError, OSError) as exc:
-                if time.monotonic() - self.last_shared_error > 10:
-                    self.last_shared_error = time.monotonic()
-                    log.error("shared ledger directory: %s (will retry)", exc)
-                return
-            self.divergence_strikes.pop(height, None)
-            self.shared_next = height + 1
-            if result.written:
-                # Exactly one node's link creates the file: that node speaks for the height.
-                self._speak(height, decode_block_file(data), data)
-
-    def _publish(self, height: int, block_file: BlockFile, data: bytes) -> None:
-        self._sync_shared_dir()
-        if self.ledger_dir is None and self._is_leader():
-            self._speak(height, block_file, data)  # without a shared directory the leader speaks
+    def _speak_soon(self, height: int, data: bytes) -> None:
+        """The writer created the shared file of `height` (on its thread): speak for it from the loop."""
+        self.node.call(lambda: self._speak(height, decode_block_file(data), data))
 
     def _speak(self, height: int, block_file: BlockFile, data: bytes) -> None:
         """Publish a certified block: retained block and head (the audit lines went out at commit).
@@ -618,8 +638,8 @@ class LedgerService:
     def _catch_up(self) -> None:
         """Fetch certified blocks up to the snapshot's height from the shared directory, then drain."""
         if self.ledger_dir is None:
-            if time.monotonic() - self.last_shared_error > 10:
-                self.last_shared_error = time.monotonic()
+            if time.monotonic() - self.last_catchup_error > 10:
+                self.last_catchup_error = time.monotonic()
                 log.error("snapshot covers height %s, this node holds %s, and there is no --ledger-dir to fetch "
                           "the blocks from; start it with the shared ledger directory", self.catchup_target,
                           self.verifier.height)
@@ -644,7 +664,6 @@ class LedgerService:
             self._notify(height, block_file)
             self._write_store(height, data)
             self.certified = height
-            self.shared_next = max(self.shared_next, height + 1)
             self.block_files.pop(height, None)
         log.info("caught up to ledger height %s from %s", self.verifier.height, self.ledger_dir)
         backlog, self.backlog = self.backlog, []

@@ -45,7 +45,7 @@ class AppendToFile:
     def after_input(self, node: NodeDaemon) -> None:
         pass
 
-    def extras_for_peers(self) -> dict[str, Any]:
+    def extras_for_peers(self, peers: list[str], sending: set[str]) -> dict[str, dict[str, Any]]:
         return {}
 
     def on_extras(self, sender: str, extras: dict[str, Any]) -> None:

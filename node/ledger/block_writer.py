@@ -1,0 +1,148 @@
+"""Certified blocks to disk on a thread of their own: the node's store, then the shared directory.
+
+A certified block costs every node two fsyncs in its store and two in the shared directory, and on
+one disk the fsyncs of several nodes queue behind each other: about 5 ms a block here (traced with
+bench/cluster.py), which the node's loop used to spend not handling the next record's Raft messages.
+fsync releases the GIL, so on this thread the waiting overlaps with the loop's work.
+
+What it promises the loop:
+- the store is written in the order blocks are handed over (height order), each file atomically;
+  `stored` is the highest height whose file is durable, so nothing that only the store would keep
+  (the Raft log behind a compaction) may be dropped beyond it;
+- the shared directory gets heights in order, each only once the store holds it; a failing write
+  (no quorum, ENOTCONN, disk full) is retried every RETRY_SECONDS, so a gap never stays;
+- a height whose shared file holds different bytes three times, RETRY_SECONDS apart, is divergence:
+  this node stops writing there for good and says so (a read racing a brick's self-heal can look
+  different once);
+- `speak(height, data)` is called (on this thread) for each height whose shared file this node
+  created: exactly one node does, and it publishes the block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+from tomq.durable import replace_file
+from tomq.node.ledger.block import block_file_name
+from tomq.node.ledger.shared_dir import LedgerDivergence, SharedLedgerError, put_block_file
+
+log = logging.getLogger("tomq.ledger")
+
+RETRY_SECONDS = 0.05
+DIVERGENCE_STRIKES = 3
+STOP_SECONDS = 5.0  # how long stop() waits for queued blocks to reach the disk
+
+
+class BlockWriter:
+    def __init__(self, store: Path, ledger_dir: Path | None, *, stored: int,
+                 speak: Callable[[int, bytes], None]) -> None:
+        self.store = store
+        self.ledger_dir = ledger_dir
+        self.speak = speak
+        self.stored = stored  # highest height durable in the store
+        self.shared_next = 0  # lowest height not yet confirmed in the shared directory
+        self.divergent = False
+        self._strikes: dict[int, int] = {}
+        self._last_error_logged = 0.0
+        self._queue: deque[tuple[int, bytes]] = deque()
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._store_failing = False
+        self._thread = threading.Thread(target=self._run, name="tomq-block-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, height: int, data: bytes) -> None:
+        """Write this certified block file (the next height after those handed over before)."""
+        with self._changed:
+            self._queue.append((height, data))
+            self._changed.notify()
+
+    def stop(self) -> None:
+        """Write what is queued (waiting at most STOP_SECONDS), then end the thread."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        if self._thread.is_alive():
+            self._thread.join(STOP_SECONDS)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything handed over is in the store (for tests and shutdown paths)."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._queue and time.monotonic() < deadline:
+                self._changed.wait(0.01)
+            return not self._queue
+
+    # ------------------------------------------------------------------ the thread
+
+    def _shared_behind(self) -> bool:
+        return self.ledger_dir is not None and not self.divergent and self.shared_next <= self.stored
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._stopping:
+                    if self._shared_behind():
+                        self._changed.wait(RETRY_SECONDS)
+                        break
+                    self._changed.wait()
+                stopping = self._stopping
+            self._write_store()
+            self._sync_shared()
+            with self._changed:
+                if stopping and (not self._queue or self._store_failing):
+                    return
+
+    def _write_store(self) -> None:
+        while True:
+            with self._changed:
+                if not self._queue:
+                    self._changed.notify_all()  # flush() waiters
+                    return
+                height, data = self._queue[0]
+            try:
+                replace_file(self.store / block_file_name(height), data)
+            except OSError as exc:
+                # Disk full or gone: the block stays in the Raft log (never compacted past `stored`).
+                self._store_failing = True
+                self._log_error(f"cannot write block {height} to the store {self.store}: {exc} (will retry)")
+                time.sleep(RETRY_SECONDS)
+                return
+            self._store_failing = False
+            with self._changed:
+                self._queue.popleft()
+            self.stored = max(self.stored, height)
+
+    def _sync_shared(self) -> None:
+        if self.ledger_dir is None:
+            return
+        while self._shared_behind():
+            height = self.shared_next
+            try:
+                data = (self.store / block_file_name(height)).read_bytes()
+                result = put_block_file(self.ledger_dir, data)
+            except LedgerDivergence as exc:
+                strikes = self._strikes[height] = self._strikes.get(height, 0) + 1
+                if strikes >= DIVERGENCE_STRIKES:
+                    self.divergent = True
+                    log.error("LEDGER DIVERGENCE: %s; this node stops writing to %s", exc, self.ledger_dir)
+                return
+            except (SharedLedgerError, OSError) as exc:
+                self._log_error(f"shared ledger directory: {exc} (will retry)")
+                return
+            self._strikes.pop(height, None)
+            self.shared_next = height + 1
+            if result.written:
+                self.speak(height, data)
+
+    def _log_error(self, message: str) -> None:
+        if time.monotonic() - self._last_error_logged > 10:
+            self._last_error_logged = time.monotonic()
+            log.error("%s", message)

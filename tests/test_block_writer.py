@@ -1,0 +1,160 @@
+"""The node's block writer: certified blocks reach the store and the shared directory off the loop,
+in order, with failures retried and divergence stopping the shared writes (node/ledger/block_writer.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keys import key
+from tomq.node.ledger.block import (
+    GENESIS_PREV,
+    BlockFile,
+    block_file_name,
+    commit_signature,
+    encode_block_file,
+    make_block,
+    sign_block,
+)
+from tomq.node.ledger.block_writer import DIVERGENCE_STRIKES, BlockWriter
+
+N1, N2 = key("n1"), key("n2")
+
+
+def block_bytes(height: int, record: bytes = b"record") -> bytes:
+    block = make_block(height=height, prev=GENESIS_PREV, term=2, time_ms=1_800_000_000_000, proposer=N1.id,
+                       records=(record,))
+    certificate = {signer.id: commit_signature(signer, block.hash) for signer in (N1, N2)}
+    return encode_block_file(BlockFile(block, sign_block(N1, block), certificate))
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+class Spoken:
+    def __init__(self) -> None:
+        self.heights: list[int] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, height: int, data: bytes) -> None:
+        self.heights.append(height)
+        self.threads.add(threading.current_thread().name)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    store, shared = tmp_path / "store", tmp_path / "shared"
+    store.mkdir()
+    shared.mkdir()
+    yield store, shared
+
+
+def test_blocks_reach_store_and_shared_directory_in_order_and_the_creator_speaks(dirs):
+    store, shared = dirs
+    spoken = Spoken()
+    writer = BlockWriter(store, shared, stored=-1, speak=spoken)
+    writer.start()
+    blocks = {h: block_bytes(h) for h in range(5)}
+    for height, data in blocks.items():
+        writer.put(height, data)
+    assert writer.flush()
+    assert wait_until(lambda: writer.shared_next == 5)
+    writer.stop()
+    for height, data in blocks.items():
+        assert (store / block_file_name(height)).read_bytes() == data
+        assert (shared / block_file_name(height)).read_bytes() == data
+    assert writer.stored == 4
+    assert spoken.heights == [0, 1, 2, 3, 4]
+    assert spoken.threads == {"tomq-block-writer"}  # the daemon marshals it back to its loop
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_a_height_another_node_already_put_is_not_spoken_for(dirs):
+    store, shared = dirs
+    (shared / block_file_name(0)).write_bytes(block_bytes(0))
+    spoken = Spoken()
+    writer = BlockWriter(store, shared, stored=-1, speak=spoken)
+    writer.start()
+    writer.put(0, block_bytes(0))
+    writer.put(1, block_bytes(1))
+    assert wait_until(lambda: writer.shared_next == 2)
+    writer.stop()
+    assert spoken.heights == [1]
+
+
+def test_a_shared_directory_that_fails_is_retried_until_it_works(dirs, caplog):
+    store, _ = dirs
+    shared = store.parent / "not-mounted-yet"
+    (store.parent / "not-mounted-yet").write_bytes(b"a file where the directory should be")
+    writer = BlockWriter(store, shared, stored=-1, speak=Spoken())
+    writer.start()
+    try:
+        writer.put(0, block_bytes(0))
+        writer.put(1, block_bytes(1))
+        assert writer.flush()
+        assert writer.stored == 1  # the store does not wait for the shared directory
+        time.sleep(0.3)
+        assert writer.shared_next == 0
+        assert "shared ledger directory" in caplog.text and "will retry" in caplog.text
+        shared.unlink()
+        shared.mkdir()
+        assert wait_until(lambda: writer.shared_next == 2)
+        assert sorted(p.name for p in shared.iterdir()) == [block_file_name(0), block_file_name(1)]
+    finally:
+        writer.stop()
+
+
+def test_different_bytes_in_the_shared_directory_stop_this_node_writing_there(dirs, caplog):
+    store, shared = dirs
+    theirs = block_bytes(0, record=b"another record")
+    (shared / block_file_name(0)).write_bytes(theirs)
+    writer = BlockWriter(store, shared, stored=-1, speak=Spoken())
+    writer.start()
+    try:
+        writer.put(0, block_bytes(0))
+        writer.put(1, block_bytes(1))
+        assert wait_until(lambda: writer.divergent)
+        assert "LEDGER DIVERGENCE" in caplog.text
+        assert writer.shared_next == 0 and not (shared / block_file_name(1)).exists()
+        assert (shared / block_file_name(0)).read_bytes() == theirs  # never overwritten
+        assert writer.stored == 1  # the node's own store still holds its blocks
+    finally:
+        writer.stop()
+    assert DIVERGENCE_STRIKES > 1  # one odd read (a brick healing) is not yet divergence
+
+
+def test_stop_writes_what_is_queued(dirs):
+    store, _ = dirs
+    writer = BlockWriter(store, None, stored=-1, speak=Spoken())
+    writer.start()
+    for height in range(50):
+        writer.put(height, block_bytes(height))
+    writer.stop()
+    assert writer.stored == 49
+    assert len(list(store.glob("*.block"))) == 50
+
+
+def test_a_store_that_cannot_be_written_keeps_the_blocks_queued_and_stored_behind(dirs, caplog):
+    store, _ = dirs
+    writer = BlockWriter(store / "missing", None, stored=3, speak=Spoken())
+    writer.start()
+    try:
+        writer.put(4, block_bytes(4))
+        assert not writer.flush(timeout=0.3)
+        assert writer.stored == 3  # nothing may be compacted past it
+        assert "cannot write block 4" in caplog.text
+        (store / "missing").mkdir()
+        assert writer.flush()
+        assert writer.stored == 4
+    finally:
+        writer.stop()
