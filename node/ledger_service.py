@@ -8,10 +8,12 @@ This is the `Applier` the node daemon drives. Raft entries carry one of two thin
 
 Applying a block checks it exactly as an auditor would (ChainVerifier without the certificate) and
 then, because every node decides on the same committed bytes, every node accepts or skips the same
-blocks. Each node then signs the block hash and gossips its signature to its peers with its Raft
-batches; the leader puts a majority of signatures into a `cert` entry, so the certificate, too, is
-decided by the log and every node writes byte-identical block files: to its own store, to the shared
-ledger directory (exclusive create; different bytes there are divergence) and as retained MQTT topics.
+blocks. Each node then signs the block hash and sends its signature to the leader with its next Raft
+batch; the leader puts a majority of signatures into the next block's entry (or a `cert` entry if no
+block follows within a tick), so the certificate, too, is decided by the log and every node writes
+byte-identical block files: to its own store and to the shared ledger directory (exclusive create;
+different bytes there are divergence), both from a writer thread (node/ledger/block_writer.py), and
+as retained MQTT topics.
 The audit lines (`audit/<type>`, one per record) do not wait for the certificate: the leader publishes
 them as it applies the block, i.e. as soon as a majority holds it, which is what "committed" means.
 
