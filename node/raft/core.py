@@ -757,7 +757,11 @@ class RaftNode:
             pr.next = max(pr.next, m.index + 1)
             pr.state = _ProgressState.REPLICATE
             pr.paused = False
-            if self._maybe_commit():
+            # Followers learn a new commit index from the next append or heartbeat (a tick at most);
+            # telling them at once cost every record two more messages each way, whose handling
+            # (and the followers' applying) competed for the cores with the next record's commit.
+            # On-demand leaders may go quiet instead of heartbeating, so they still tell at once.
+            if self._maybe_commit() and self.config.mode == ON_DEMAND:
                 self._broadcast_append()
         elif pr.state is _ProgressState.SNAPSHOT or was_paused:
             pr.state = _ProgressState.PROBE
