@@ -7,8 +7,9 @@ and every cluster size, a fresh cluster of real `tomq node` processes on 127.0.0
 measured, as a client sees it (publish on ledger/propose/n1 -> the record's audit line arrives, i.e.
 its block is committed *and* certified):
 
-1. commit latency of one record at a time (p50, p99 of ~200 sequential proposals), beside the
-   leader's own figure from its status report (proposal received -> block applied);
+1. commit latency of one record at a time (p50, p99 of ~200 sequential proposals, from a client
+   that publishes and reads on one thread, as the etcd client does), beside the leader's own figure
+   from its status report (proposal received -> block applied);
 2. throughput: 5,000 records proposed as fast as possible, first publish -> last audit line; beside
    it the ceiling of this machine: raw Ed25519 verifications per second (cryptography, measured
    here) divided by the number of nodes, as every node verifies every record;
@@ -309,16 +310,48 @@ class TomqCluster:
 # --------------------------------------------------------------------------- tomq: the measurements
 
 
-def tomq_latency(client: Client, count: int) -> list[float]:
-    """Seconds from publishing one record to its audit line, one record at a time."""
-    latencies = []
-    for _ in range(count):
-        wire, seq = client.next_reading()
-        started = time.monotonic()
-        client.propose(wire)
-        client.wait_all([seq], quiet=1.0)
-        latencies.append(client.arrived[seq] - started)
-    return latencies
+class LatencyProbe:
+    """The latency client: one thread, like the etcd client below (sequential puts on one kept-alive
+    connection). Its MQTT link is pumped here, so a publish is written on this thread and the audit
+    line is read on it, with no hand-off to and from a network thread (paho's threaded mode costs
+    each of them a thread wake-up under the GIL, which is the client's time, not the cluster's).
+    It seals with the Client's key and sequence, under the same identity (n1)."""
+
+    def __init__(self, client: Client, directory: Path) -> None:
+        loaded = cluster.load(directory)
+        self.client = client
+        self.arrived: dict[int, float] = {}
+        self.link = MqttLink(host="127.0.0.1", port=loaded.broker_port, username="n1",
+                             password=cluster.broker_password(client.key), on_message=self._on_message,
+                             threaded=False)
+        self.link.subscribe(f"{loaded.topics.root}/audit/#")
+        self.link.start()
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        now = time.monotonic()
+        try:
+            line = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(line, dict) and line.get("proposer") == self.client.key.id:
+            self.arrived.setdefault(line["seq"], now)
+
+    def measure(self, count: int, give_up: float = 20.0) -> list[float]:
+        """Seconds from publishing one record to its audit line, one record at a time."""
+        latencies = []
+        for _ in range(count):
+            wire, seq = self.client.next_reading()
+            started = time.monotonic()
+            self.link.publish(self.client.topic, wire, qos=1)
+            while seq not in self.arrived:
+                if time.monotonic() - started > give_up:
+                    raise Stalled(f"record {seq} not committed within {give_up:.0f} s", [seq])
+                self.link.pump(0.5)
+            latencies.append(self.arrived[seq] - started)
+        return latencies
+
+    def close(self) -> None:
+        self.link.stop()
 
 
 def tomq_throughput(client: Client, count: int) -> float:
@@ -421,14 +454,21 @@ def bench_tomq(processes: Processes, broker: str, nodes: int, args: argparse.Nam
         join, seq = client.seal(Record(ID_CREATE, Identity("s1", "device", proof), int(time.time() * 1000)).to_map())
         client.propose(join)
         client.wait_all([seq], quiet=1.0, stall=30)
-        tomq_latency(client, 10)  # warm-up
-        for run in range(args.repeats):
-            phase = f"latency run {run + 1}"
-            latencies = tomq_latency(client, args.latency_count)
-            result.p50.append(percentile(latencies, 0.5))
-            result.p99.append(percentile(latencies, 0.99))
-            log(f"  {result.label}: latency run {run + 1}: p50 {result.p50[-1] * 1000:.1f} ms, "
-                f"p99 {result.p99[-1] * 1000:.1f} ms")
+        audit_topics = f"{cluster.load(running.directory).topics.root}/audit/#"
+        client.link.unsubscribe(audit_topics)  # the probe alone reads the audit lines meanwhile
+        probe = LatencyProbe(client, running.directory)
+        try:
+            probe.measure(10)  # warm-up
+            for run in range(args.repeats):
+                phase = f"latency run {run + 1}"
+                latencies = probe.measure(args.latency_count)
+                result.p50.append(percentile(latencies, 0.5))
+                result.p99.append(percentile(latencies, 0.99))
+                log(f"  {result.label}: latency run {run + 1}: p50 {result.p50[-1] * 1000:.1f} ms, "
+                    f"p99 {result.p99[-1] * 1000:.1f} ms")
+        finally:
+            probe.close()
+            client.link.subscribe(audit_topics)
         result.leader_p50_ms, result.leader_p99_ms = running.leader_figures()
         # Failover before throughput: a run that stalls under load then costs the least.
         for run in range(args.failovers):
