@@ -23,8 +23,8 @@ Ordering rules (the same as the device SDK's, tomq.sensors.device):
   again; the bridge asks it to.
 - The join goes out (retained, QoS 1) before any reading on a connection.
 
-Threads: one network thread per uplink owns its paho client (driven through loop_read/loop_write/
-loop_misc, as tomq.sensors.device does); `store`, `stop` and `vanish` may be called from any thread
+Threads: one network thread per uplink owns its paho client (tomq.mqtt_session.SessionLoop, as for
+tomq.sensors.device); `store`, `stop` and `vanish` may be called from any thread
 and touch only the outbox and counters, under a lock. A fresh paho client is made per connection,
 so paho never resends on its own.
 
@@ -35,8 +35,6 @@ not acknowledged, or reuse a join/will pair.
 from __future__ import annotations
 
 import logging
-import select
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -45,23 +43,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tomq import canonical
 from tomq.identity import SigningKey
-from tomq.mqtt import close_without_disconnect, disable_nagle, drain_socket, poll_sockets
+from tomq.mqtt_session import KEEPALIVE_SECONDS, HangUp, SessionLoop
 from tomq.sensors.outbox import Outbox
 from tomq.topics import Topics
 from tomq.wire import SequenceCounter, seal
 
 log = logging.getLogger("tomq.bridge.uplink")
 
-KEEPALIVE_SECONDS = 10
 MAX_IN_FLIGHT = 100
 RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY = 0.25, 4.0
-CONNECT_TIMEOUT = 3.0
-CONNACK_TIMEOUT = 10.0
-DISCONNECT_GRACE = 2.0
 
 
 class Presence(Protocol):
@@ -119,18 +112,20 @@ class UplinkCounters:
     connects: int  # connections the broker accepted
 
 
-class Uplink:
+class Uplink(SessionLoop):
+    wake_ends_idle = True  # a wake-up may bring the join/will pair we wait for, or end a vanish
+
     def __init__(self, *, name: str, cluster: str, host: str, port: int, password: str, directory: Path,
                  presence: Presence, client_id: str, max_in_flight: int = MAX_IN_FLIGHT,
                  keepalive: int = KEEPALIVE_SECONDS) -> None:
+        super().__init__(label=f"uplink {name}", host=host, port=port, keepalive=keepalive)
         self.name = name
         topics = Topics(cluster)
         self.data_topic = topics.device_data(name)
         self.state_topic = topics.device_state(name)
-        self.host, self.port, self.password, self.client_id = host, port, password, client_id
+        self.password, self.client_id = password, client_id
         self.presence = presence
         self.max_in_flight = max_in_flight
-        self.keepalive = keepalive
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
@@ -142,14 +137,10 @@ class Uplink:
         self._vanish = False  # drop the connection without DISCONNECT: the broker publishes the will
         self.connected = threading.Event()
         self.refusal: str | None = None
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
         self._thread: threading.Thread | None = None
         # Owned by the network thread.
         self._in_flight: dict[int, int] = {}
         self._handed_upto = 0
-        self._accepted = False
         self._join: bytes = b""
 
     # ------------------------------------------------------------------ the bridge's side
@@ -214,10 +205,7 @@ class Uplink:
             return UplinkCounters(self._stored, self._published, self._resent, len(self._outbox), self._connects)
 
     def wake(self) -> None:
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:
-            pass
+        self._wake()
 
     # ------------------------------------------------------------------ the network thread
 
@@ -259,66 +247,26 @@ class Uplink:
         with self._lock:
             return self._vanish
 
+    def _finished(self) -> bool:
+        return self._stopping()
+
     def _new_client(self, join: bytes, will: bytes) -> paho.Client:
         self._join = join
-        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=paho.MQTTv311, clean_session=True)
-        client.username_pw_set(self.name, self.password)
-        client.will_set(self.state_topic, will, qos=1, retain=True)
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)
-        client.connect_timeout = CONNECT_TIMEOUT
-        client.on_socket_open = disable_nagle
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        return client
+        return self._paho_client(client_id=self.client_id, username=self.name, password=self.password,
+                                 will_topic=self.state_topic, will=will, clean_session=True,
+                                 on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+                                 on_publish=self._on_publish)
 
-    def _connect(self, client: paho.Client) -> bool:
-        self._accepted = False
-        try:
-            client.connect(self.host, self.port, keepalive=self.keepalive)
-        except (OSError, ValueError) as exc:
-            log.debug("uplink %s cannot reach %s:%s: %s", self.name, self.host, self.port, exc)
-            return False
-        return True
+    def _hang_up(self) -> HangUp | None:
+        with self._lock:
+            stop, vanish = self._stop, self._vanish
+        if vanish:
+            return HangUp.CLOSE  # the broker publishes the will
+        if stop:
+            return HangUp.DISCONNECT  # clean: the broker discards the will
+        return None
 
-    def _session(self, client: paho.Client) -> None:
-        started = time.monotonic()
-        disconnect_sent: float | None = None
-        while (sock := client.socket()) is not None:
-            with self._lock:
-                stop, vanish = self._stop, self._vanish
-            if vanish or (disconnect_sent is not None and time.monotonic() - disconnect_sent > DISCONNECT_GRACE):
-                close_without_disconnect(sock)
-                return
-            if not self._accepted and time.monotonic() - started > CONNACK_TIMEOUT:
-                close_without_disconnect(sock)
-                return
-            if stop and disconnect_sent is None:
-                client.disconnect()  # clean: the broker discards the will
-                disconnect_sent = time.monotonic()
-            elif self._accepted and disconnect_sent is None:
-                self._feed(client)
-            mask = select.POLLIN | (select.POLLOUT if client.want_write() else 0)
-            try:
-                events = poll_sockets([(self._wake_reader, select.POLLIN), (sock, mask)], self.keepalive / 2)
-            except (OSError, ValueError):
-                events = {}
-            if self._wake_reader.fileno() in events:
-                drain_socket(self._wake_reader)
-            if events.get(sock.fileno(), 0) & ~select.POLLOUT:
-                for _ in range(1000):
-                    if client.loop_read() != paho.MQTT_ERR_SUCCESS or client.socket() is not sock:
-                        break
-                    if not poll_sockets([(sock, select.POLLIN)], 0):
-                        break
-            if client.socket() is sock and client.want_write():
-                client.loop_write()
-            if client.socket() is sock:
-                client.loop_misc()
-
-    def _feed(self, client: paho.Client) -> None:
+    def _serve(self, client: paho.Client) -> None:
         room = self.max_in_flight - len(self._in_flight)
         if room <= 0:
             return
@@ -339,16 +287,6 @@ class Uplink:
             self._maybe_sent.update(self._in_flight.values())
         self._in_flight.clear()
         self._handed_upto = 0
-
-    def _idle(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self._stopping():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            if poll_sockets([(self._wake_reader, select.POLLIN)], remaining):
-                drain_socket(self._wake_reader)
-                return
 
     def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:

@@ -31,8 +31,8 @@ Ordering rules:
 - Payloads too large for a reading (an image, a trace) stay off-chain: `publish(payload=...)` writes
   them to `<data dir>/blobs/<sha256 hex>` and the reading carries only the hash.
 
-Threads: one network thread per device owns the paho client (paho driven through its loop_read /
-loop_write / loop_misc calls on that thread, woken through a socket pair); `publish`, `leave` and
+Threads: one network thread per device owns the paho client (tomq.mqtt_session.SessionLoop: paho
+driven through loop_read / loop_write / loop_misc on that thread, woken through a socket pair); `publish`, `leave` and
 `stop` may be called from any thread and only touch the outbox and counters under a lock. A fresh
 paho client is made for every connection, so paho never resends messages on its own: this class
 alone decides what is resent, and in what order. on_command runs on the network thread.
@@ -47,8 +47,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import select
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -57,14 +55,14 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from tomq import cluster as clusters
 from tomq.cluster import DEVICE_ROLES, broker_password
 from tomq.durable import lock_directory, replace_file
 from tomq.errors import ConfigError, InvalidTopic, UsageError
 from tomq.identity import SigningKey
-from tomq.mqtt import BrokerUnavailable, close_without_disconnect, disable_nagle, drain_socket, poll_sockets
+from tomq.mqtt import BrokerUnavailable
+from tomq.mqtt_session import CONNECT_TIMEOUT, DISCONNECT_GRACE, KEEPALIVE_SECONDS, HangUp, SessionLoop
 from tomq.node.services.readings import seal_reading
 from tomq.sensors.outbox import Outbox
 from tomq.topics import Topics, check_segment
@@ -72,14 +70,9 @@ from tomq.wire import SequenceCounter, seal
 
 log = logging.getLogger("tomq.sensors.device")
 
-KEEPALIVE_SECONDS = 10
 MAX_IN_FLIGHT = 100  # unacknowledged readings at once; mosquitto queues 1000 per client by default
 RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY = 0.5, 4.0  # seconds, doubling; reset once a broker accepts us
-CONNECT_TIMEOUT = 3.0  # TCP connect to a black-holed host
-CONNACK_TIMEOUT = 10.0  # a broker that took the TCP connection but does not answer CONNECT
-DISCONNECT_GRACE = 2.0  # seconds for a DISCONNECT to be written before the socket is dropped
 MAX_KEPT_COMMANDS = 1000  # `commands` keeps the latest this many; on_command sees every one
-_READS_PER_WAKE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +84,7 @@ class DeviceCounters:
     connects: int  # connections the broker accepted
 
 
-class Device:
+class Device(SessionLoop):
     """One device's identity, outbox and broker connection. See the module docstring."""
 
     def __init__(
@@ -115,10 +108,10 @@ class Device:
             raise ConfigError(str(exc)) from None
         if max_in_flight < 1:
             raise ConfigError("max_in_flight must be at least 1")
-        self.cluster, self.host, self.port, self.name = cluster, host, port, name
+        super().__init__(label=f"device {name}", host=host, port=port, keepalive=keepalive)
+        self.cluster, self.name = cluster, name
         self.key = key
         self.certificate = bytes(certificate)
-        self.keepalive = keepalive
         self.max_in_flight = max_in_flight
         self.clock = clock
         self.client_id = f"tomq-{cluster}-dev-{name}"  # stable: the broker keeps the session (cmd queue)
@@ -157,9 +150,6 @@ class Device:
         self.left = threading.Event()  # the graceful leave was acknowledged by the broker
         self._accepted_once = threading.Event()
         self.refusal: str | None = None  # the broker's last refusal of CONNECT, for messages
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
         self._thread: threading.Thread | None = None
 
         # Owned by the network thread only.
@@ -168,7 +158,6 @@ class Device:
         self._will_seq = 0
         self._join_wire = b""
         self._leave_mid: int | None = None
-        self._accepted = False
 
     @classmethod
     def from_cluster_dir(
@@ -327,12 +316,6 @@ class Device:
         self._wake_writer.close()
         os.close(self._lock_fd)
 
-    def _wake(self) -> None:
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:
-            pass  # a wake-up is pending already (buffer full), or the device is closed
-
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
@@ -370,73 +353,25 @@ class Device:
         self._join_wire = seal(self.key, seq=join_seq, time_ms=now_ms, type="join",
                                body={"certificate": self.certificate})
         will = seal(self.key, seq=self._will_seq, time_ms=now_ms, type="leave", body={"reason": "vanished"})
-        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=paho.MQTTv311, clean_session=False)
-        client.username_pw_set(self.name, self._password)
-        client.will_set(self.state_topic, will, qos=1, retain=True)
-        client.max_inflight_messages_set(0)  # the device bounds what is in flight (max_in_flight) itself
-        client.max_queued_messages_set(0)
-        client.connect_timeout = CONNECT_TIMEOUT
-        client.on_socket_open = disable_nagle
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
+        # Not a clean session: the broker keeps the device's cmd subscription and queue while it is away.
+        client = self._paho_client(client_id=self.client_id, username=self.name, password=self._password,
+                                   will_topic=self.state_topic, will=will, clean_session=False,
+                                   on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+                                   on_publish=self._on_publish)
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
 
-    def _connect(self, client: paho.Client) -> bool:
-        self._accepted = False
-        try:
-            client.connect(self.host, self.port, keepalive=self.keepalive)  # TCP connect, CONNECT written
-        except (OSError, ValueError) as exc:
-            log.debug("device %s cannot reach %s:%s: %s", self.name, self.host, self.port, exc)
-            return False
-        return True
+    def _hang_up(self) -> HangUp | None:
+        with self._lock:
+            abort, stop = self._abort, self._stop_requested
+        if abort:
+            return HangUp.CLOSE  # no DISCONNECT: the broker publishes the will
+        if stop or self.left.is_set():
+            return HangUp.DISCONNECT  # the broker discards the will
+        return None
 
-    def _session(self, client: paho.Client) -> None:
-        """Serve one connection until it is gone (or we are told to go)."""
-        started = time.monotonic()
-        disconnect_sent: float | None = None
-        while (sock := client.socket()) is not None:
-            with self._lock:
-                abort, stop = self._abort, self._stop_requested
-            if abort or (disconnect_sent is not None and time.monotonic() - disconnect_sent > DISCONNECT_GRACE):
-                close_without_disconnect(sock)  # no DISCONNECT: the broker publishes the will
-                return
-            if not self._accepted and time.monotonic() - started > CONNACK_TIMEOUT:
-                log.warning("device %s: no CONNACK from %s:%s within %.0f s", self.name, self.host, self.port,
-                            CONNACK_TIMEOUT)
-                close_without_disconnect(sock)
-                return
-            if disconnect_sent is None and (stop or self.left.is_set()):
-                client.disconnect()  # the broker discards the will
-                disconnect_sent = time.monotonic()
-            elif self._accepted and disconnect_sent is None:
-                self._service(client)
-            mask = select.POLLIN | (select.POLLOUT if client.want_write() else 0)
-            try:
-                events = poll_sockets([(self._wake_reader, select.POLLIN), (sock, mask)], self.keepalive / 2)
-            except (OSError, ValueError):
-                events = {}
-            if self._wake_reader.fileno() in events:
-                drain_socket(self._wake_reader)
-            ready = events.get(sock.fileno(), 0)
-            if ready & ~select.POLLOUT:
-                self._read(client, sock)
-            if client.socket() is sock and client.want_write():
-                client.loop_write()
-            if client.socket() is sock:
-                client.loop_misc()  # keepalive pings; drops a connection that stopped answering
-
-    def _read(self, client: paho.Client, sock: Any) -> None:
-        for _ in range(_READS_PER_WAKE):
-            if client.loop_read() != paho.MQTT_ERR_SUCCESS or client.socket() is not sock:
-                return
-            if not poll_sockets([(sock, select.POLLIN)], 0):
-                return
-
-    def _service(self, client: paho.Client) -> None:
+    def _serve(self, client: paho.Client) -> None:
         """Hand the next readings to the connection (oldest first, bounded), or send the leave."""
         with self._lock:
             leave = self._leave_requested
@@ -466,15 +401,6 @@ class Device:
         self._in_flight.clear()
         self._handed_upto = 0  # the next connection starts again from the oldest pending reading
         self._leave_mid = None  # a leave without PUBACK is sent again, with the next connection's number
-
-    def _idle(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not self._finished():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            if poll_sockets([(self._wake_reader, select.POLLIN)], remaining):
-                drain_socket(self._wake_reader)
 
     # paho callbacks: all run on the network thread, inside loop_read / loop_write / loop_misc.
 
