@@ -621,3 +621,32 @@ def test_single_node_on_demand_events_come_in_phase_order():
     net.tick(2)
     assert [phase for _, phase in net.events()] == [
         "request", "campaign", "elected", "chosen", "appended", "committed", "pause"]
+
+
+# =========================================================================== commit notices
+
+
+@pytest.mark.parametrize("mode", [STABLE, ON_DEMAND])
+def test_followers_learn_a_commit_from_the_next_heartbeat_in_stable_mode_and_at_once_on_demand(mode):
+    net = Net(mode=mode)
+    leader = net.elect("n1")
+    net.propose("n1", b"x")
+    sent_after_commit: list[Message] = []
+
+    def watch(message: Message) -> None:
+        if leader.log.committed >= leader.log.last_index() and message.from_ == "n1":
+            sent_after_commit.append(message)
+
+    net.on_message = watch
+    net.deliver()  # appends out, acknowledgements back: the leader commits, nothing ticks
+    assert leader.log.committed == leader.log.last_index()
+    followers = [net.nodes["n2"], net.nodes["n3"]]
+    if mode == STABLE:
+        # No notice of its own: that would be two more messages each way for every block.
+        assert not sent_after_commit
+        assert all(f.log.committed < leader.log.committed for f in followers)
+        net.tick(ELECTION)  # heartbeats carry the commit index
+    else:
+        assert sent_after_commit  # an on-demand leader may pause instead of heartbeating: it tells at once
+    assert all(f.log.committed == leader.log.committed for f in followers)
+    assert [b"x"] == [d for d in net.committed("n2") if d == b"x"]
