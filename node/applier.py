@@ -50,11 +50,15 @@ class NodeApplier:
         self.orchestrator.tick()
         self.presence.tick()
         self.actuation.tick()
+        self.ledger.cut_block()  # what they proposed goes out now, not at the next input or tick
         self._hold(node)
 
     def after_input(self, node: NodeDaemon) -> None:
         self.ledger.after_input(node)
         self.orchestrator.after_input()
+        # The orchestrator's records go out in this turn of the loop: left pending, they waited for
+        # the next message or tick (up to 50 ms), once per ledger round of every placement.
+        self.ledger.cut_block()
         self._hold(node)
 
     def _hold(self, node: NodeDaemon) -> None:

@@ -256,7 +256,7 @@ class LedgerService:
 
     def tick(self, node: NodeDaemon) -> None:
         self._sync_proposal_subscriptions()
-        self._cut_block()
+        self.cut_block()
         self._maybe_propose_certificates()
         if self.catchup_target > self.verifier.height or self.certify_target > self.certified:
             self._catch_up()
@@ -272,7 +272,7 @@ class LedgerService:
 
     def after_input(self, node: NodeDaemon) -> None:
         self._follow_leadership()
-        self._cut_block()
+        self.cut_block()
 
     def extras_for_peers(self, peers: list[str], sending: set[str]) -> dict[str, dict[str, Any]]:
         """What rides with this node's Raft batches, per peer.
@@ -456,9 +456,10 @@ class LedgerService:
         self.pending.append(_Pending(payload, envelope.sender, envelope.seq, time.monotonic()))
         self.pending_ids.add(key)
         if len(self.pending) >= self.max_batch:
-            self._cut_block()
+            self.cut_block()
 
-    def _cut_block(self) -> None:
+    def cut_block(self) -> None:
+        """Batch what is pending into a block now, if the blocks in flight allow."""
         if not self.pending or not self._is_leader():
             return
         in_flight = self.tentative_height - self.verifier.height
@@ -522,9 +523,12 @@ class LedgerService:
 
     # ------------------------------------------------------------------ every node: apply
 
-    def _check_and_account(self, height: int, data: bytes) -> BlockFile:
+    def _check_and_account(self, height: int, data: bytes, *, before_listeners: Callable[[BlockFile], None] | None = None
+                           ) -> BlockFile:
         block_file = self.verifier.add(height, data, require_certificate=False)
         self._account_seqs(block_file)
+        if before_listeners is not None:
+            before_listeners(block_file)
         self._notify(height, block_file)
         return block_file
 
@@ -560,8 +564,15 @@ class LedgerService:
             return
         if header_height <= self.verifier.height:
             return  # re-applied after a restart: the store already has it
+        def say_committed(block_file: BlockFile) -> None:
+            if self._is_leader():
+                # The records are committed (a majority of the Raft group holds them): say so now,
+                # before the listeners (orchestrator, actuation) act on them. The commit certificate
+                # follows with a later entry, and with it the retained block.
+                self._publish_audit(header_height, block_file)
+
         try:
-            block_file = self._check_and_account(header_height, data)
+            block_file = self._check_and_account(header_height, data, before_listeners=say_committed)
         except LedgerInvalid as exc:
             # Deterministic: every node reaches the same verdict on the same committed bytes.
             self.verifier = self.verifier.reset_failure()
@@ -572,10 +583,6 @@ class LedgerService:
         height = block_file.block.height
         self.verifier.checked_envelopes.difference_update(block_file.block.records)
         self.block_files[height] = block_file
-        if self._is_leader():
-            # The records are committed (a majority of the Raft group holds them): say so now. The
-            # commit certificate follows one Raft round later, with the retained block.
-            self._publish_audit(height, block_file)
         # Not written to the store yet: until its certificate is applied the block lives in the Raft
         # log, which is never compacted past an uncertified block, so a restart re-applies it.
         signature = commit_signature(self.node.key, block_file.block.hash)

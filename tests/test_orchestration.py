@@ -307,6 +307,8 @@ def test_new_replicas_avoid_a_loaded_node(orchestrated: OrchestratedCluster, tmp
         result = orchestrated.tomq("deploy", str(orchestrated.directory), str(spec), "--wait", "30")
         assert result.returncode == 0, result.stdout + result.stderr
         assert wait_until(lambda: len(orchestrated.running()) == 2, 20)
+        # The shared directory holds certified blocks: a placement is there a moment after it runs.
+        assert wait_until(lambda: any(r.state == ORCH for _, r, _ in orchestrated.ledger_records()), 10)
         place = next(r for _, r, _ in orchestrated.ledger_records() if r.state == ORCH)
         assert {node for node, _ in orchestrated.running().values()} == {"n1", "n3"}, place.structure.reason  # type: ignore[union-attr]
         loads = place.structure.reason["loads"]  # type: ignore[union-attr]
@@ -331,9 +333,13 @@ def test_malformed_spec_is_refused_before_anything_is_sent_and_remove_stops_ever
     result = orchestrated.tomq("remove", str(orchestrated.directory), "svc", "--wait", "30")
     assert result.returncode == 0, result.stdout + result.stderr + orchestrated.logs()
     assert wait_until(lambda: not orchestrated.running(), 20)
-    states = [(r.state, getattr(r.structure, "kind", getattr(r.structure, "action", None)))
-              for _, r, _ in orchestrated.ledger_records()]
-    assert states.count((ORCH, "remove")) == 2 and (ID_DELETE, "service") in states
+    def states() -> list[tuple[str, object]]:
+        return [(r.state, getattr(r.structure, "kind", getattr(r.structure, "action", None)))
+                for _, r, _ in orchestrated.ledger_records()]
+
+    # Certified (in the shared directory) a moment after the placement document said so.
+    assert wait_until(lambda: states().count((ORCH, "remove")) == 2 and (ID_DELETE, "service") in states(), 10), \
+        states()
     assert wait_until(lambda: [(r.state, getattr(r.structure, "kind", None)) for _, r, _ in
                                orchestrated.ledger_records()].count((ID_DELETE, "container")) == 2, 10)
     assert orchestrated.placements()["svc"]["replicas"] == {}
@@ -351,9 +357,11 @@ def test_an_operator_moves_a_replica_and_the_ledger_names_the_node_it_left(orche
     assert result.returncode == 0, result.stdout + result.stderr + orchestrated.logs()
     assert f"mover:0 on {target}" in result.stdout
     assert wait_until(lambda: orchestrated.running().get(("mover", 0), ("", 0))[0] == target, 15)
-    moves = [r.structure.reason["replaces"] for _, r, _ in orchestrated.ledger_records()  # type: ignore[union-attr]
-             if r.state == ORCH and "replaces" in r.structure.reason]  # type: ignore[union-attr]
-    assert moves == [{"node": before, "why": "moved by the operator"}]
+    def moves() -> list[object]:
+        return [r.structure.reason["replaces"] for _, r, _ in orchestrated.ledger_records()  # type: ignore[union-attr]
+                if r.state == ORCH and "replaces" in r.structure.reason]  # type: ignore[union-attr]
+
+    assert wait_until(lambda: moves() == [{"node": before, "why": "moved by the operator"}], 10), moves()
     bad = orchestrated.tomq("move", str(orchestrated.directory), "mover")
     assert bad.returncode != 0 and "must be SERVICE:REPLICA" in bad.stderr
 
@@ -399,8 +407,9 @@ def test_built_in_services_in_containers_and_the_analyser_s_node_killed(orchestr
     fenced = time.monotonic() - killed_at
     print(f"analyser container running on {analysers()} {took:.2f} s after the kill; the old one gone at {fenced:.2f} s")
     assert took < 5.0
-    assert any(r.state == ORCH and r.structure.reason.get("replaces", {}).get("node") == victim  # type: ignore[union-attr]
-               for _, r, _ in orchestrated.ledger_records())
+    assert wait_until(lambda: any(
+        r.state == ORCH and r.structure.reason.get("replaces", {}).get("node") == victim  # type: ignore[union-attr]
+        for _, r, _ in orchestrated.ledger_records()), 10)
 
 
 def test_on_demand_each_request_elects_a_leader_that_places_it_then_pauses(tmp_path: Path):

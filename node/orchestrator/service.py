@@ -233,6 +233,7 @@ class Orchestrator:
         if leader and (self.dirty or self.requests or now - self.last_lead >= LEAD_SECONDS):
             self.last_lead = now
             self._lead(now)
+            ledger.cut_block()  # what it proposed replicates while we reconcile and publish below
         if self.dirty:
             self.dirty = False
             self.last_reconcile = time.time()
