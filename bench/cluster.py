@@ -77,6 +77,7 @@ from bench.common import (
     which,
 )
 from tomq import canonical, cluster
+from tomq.identity import SigningKey
 from tomq.mqtt import MqttLink
 from tomq.node.cli import write_genesis
 from tomq.node.ledger.block import decode_block_file
@@ -109,6 +110,27 @@ class Stalled(Exception):
         self.missing = missing
 
 
+def audit_reader(loaded: cluster.Cluster, key: SigningKey, on_message: Callable[[str, bytes, bool], None], *,
+                 threaded: bool = True) -> MqttLink:
+    """A started MQTT link, as n1, that hands `on_message` every audit line."""
+    link = MqttLink(host="127.0.0.1", port=loaded.broker_port, username="n1",
+                    password=cluster.broker_password(key), on_message=on_message, threaded=threaded)
+    link.subscribe(f"{loaded.topics.root}/audit/#")
+    link.start()
+    return link
+
+
+def our_audit_seq(payload: bytes, proposer_id: str) -> int | None:
+    """The sequence number of the record an audit line is about, if `proposer_id` proposed it."""
+    try:
+        line = json.loads(payload)
+    except ValueError:
+        return None
+    if isinstance(line, dict) and line.get("proposer") == proposer_id and isinstance(line.get("seq"), int):
+        return int(line["seq"])
+    return None
+
+
 class Client:
     """Seals readings as n1, proposes them on ledger/propose/n1 and notes when each one's audit line
     (`audit/<state>`, published once its block is committed and certified) arrives."""
@@ -124,19 +146,12 @@ class Client:
         self.sequence = ClockSequence()  # above anything an earlier client under n1 used
         self.readings = 0
         self.reproposed = 0  # records proposed again because their commit did not show up
-        self.link = MqttLink(host="127.0.0.1", port=loaded.broker_port, username="n1",
-                             password=cluster.broker_password(self.key), on_message=self._on_message)
-        self.link.subscribe(f"{loaded.topics.root}/audit/#")
-        self.link.start()
+        self.link = audit_reader(loaded, self.key, self._on_message)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         now = time.monotonic()
-        try:
-            line = json.loads(payload)
-        except ValueError:
-            return
-        if isinstance(line, dict) and line.get("proposer") == self.key.id:
-            seq: int = line["seq"]
+        seq = our_audit_seq(payload, self.key.id)
+        if seq is not None:
             with self.changed:
                 self.arrived.setdefault(self.first_seq.get(seq, seq), now)
                 self.changed.notify_all()
@@ -321,20 +336,13 @@ class LatencyProbe:
         loaded = cluster.load(directory)
         self.client = client
         self.arrived: dict[int, float] = {}
-        self.link = MqttLink(host="127.0.0.1", port=loaded.broker_port, username="n1",
-                             password=cluster.broker_password(client.key), on_message=self._on_message,
-                             threaded=False)
-        self.link.subscribe(f"{loaded.topics.root}/audit/#")
-        self.link.start()
+        self.link = audit_reader(loaded, client.key, self._on_message, threaded=False)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         now = time.monotonic()
-        try:
-            line = json.loads(payload)
-        except ValueError:
-            return
-        if isinstance(line, dict) and line.get("proposer") == self.client.key.id:
-            self.arrived.setdefault(line["seq"], now)
+        seq = our_audit_seq(payload, self.client.key.id)
+        if seq is not None:
+            self.arrived.setdefault(seq, now)
 
     def measure(self, count: int, give_up: float = 20.0) -> list[float]:
         """Seconds from publishing one record to its audit line, one record at a time."""
