@@ -55,10 +55,7 @@ class NodeApplier:
 
     def after_input(self, node: NodeDaemon) -> None:
         self.ledger.after_input(node)
-        self.orchestrator.after_input()
-        # The orchestrator's records go out in this turn of the loop: left pending, they waited for
-        # the next message or tick (up to 50 ms), once per ledger round of every placement.
-        self.ledger.cut_block()
+        self.orchestrator.after_input()  # cuts the block of what it proposed itself
         self._hold(node)
 
     def _hold(self, node: NodeDaemon) -> None:

@@ -45,6 +45,7 @@ log = logging.getLogger("tomq.node")
 # process crash loses nothing (the lines are in the kernel's page cache).
 WATERMARK_SYNC_SECONDS = 1.0
 
+
 class Applier(Protocol):
     """The replicated state machine behind the log (the ledger)."""
 

@@ -66,9 +66,6 @@ log = logging.getLogger("tomq.ledger")
 
 RECENT_SECONDS = 2.0  # how long every node remembers proposals, for the next leader to batch
 MAX_BLOCKS_IN_FLIGHT = 2  # proposed but not yet applied
-# Certificates ride in the next block's entry when one is cut; alone (a Raft round of their own: an
-# fsync on every node, six MQTT hops, signatures) only at the next tick after none was. Under load that
-# halves the Raft rounds per block; a quiet cluster's last block is certified up to a tick later.
 
 
 class _NoReplayCheck:
@@ -304,9 +301,7 @@ class LedgerService:
                 extras["sigs"] = sigs
             return {peer: extras for peer in peers} if extras else {}
         leader = self.node.raft.leader
-        if not self.own_unsent or leader is None or leader == self.node.name or leader not in sending:
-            if leader == self.node.name:
-                self.own_unsent = []  # the leader counts its own signature where it made it
+        if not self.own_unsent or leader is None or leader not in sending:
             return {}
         unsent, self.own_unsent = self.own_unsent, []
         return {leader: {"sigs": unsent}}
@@ -489,7 +484,12 @@ class LedgerService:
         self.tentative_head = block.hash
 
     def _maybe_propose_certificates(self) -> None:
-        """Certificates no block took along: alone, once a tick."""
+        """Certificates no block took along: alone, once a tick.
+
+        They ride in the next block's entry when one is cut (cut_block); alone they cost a Raft round of
+        their own (an fsync on every node, six MQTT hops, signatures). Under load that halves the Raft
+        rounds per block; a quiet cluster's last block is certified up to a tick later.
+        """
         if not self._is_leader():
             return
         certs = self._ready_certificates()
@@ -523,12 +523,16 @@ class LedgerService:
 
     # ------------------------------------------------------------------ every node: apply
 
-    def _check_and_account(self, height: int, data: bytes, *, before_listeners: Callable[[BlockFile], None] | None = None
-                           ) -> BlockFile:
+    def _check_and_account(self, height: int, data: bytes, *, committed: bool = False) -> BlockFile:
+        """Check a block as an auditor would, learn its proposers' sequence numbers, tell the listeners.
+
+        `committed`: it was just committed; if we lead, its audit lines (the records are committed: a
+        majority holds them) go out before the listeners (orchestrator, actuation) act on it.
+        """
         block_file = self.verifier.add(height, data, require_certificate=False)
         self._account_seqs(block_file)
-        if before_listeners is not None:
-            before_listeners(block_file)
+        if committed and self._is_leader():
+            self._publish_audit(height, block_file)
         self._notify(height, block_file)
         return block_file
 
@@ -564,15 +568,8 @@ class LedgerService:
             return
         if header_height <= self.verifier.height:
             return  # re-applied after a restart: the store already has it
-        def say_committed(block_file: BlockFile) -> None:
-            if self._is_leader():
-                # The records are committed (a majority of the Raft group holds them): say so now,
-                # before the listeners (orchestrator, actuation) act on them. The commit certificate
-                # follows with a later entry, and with it the retained block.
-                self._publish_audit(header_height, block_file)
-
         try:
-            block_file = self._check_and_account(header_height, data, before_listeners=say_committed)
+            block_file = self._check_and_account(header_height, data, committed=True)
         except LedgerInvalid as exc:
             # Deterministic: every node reaches the same verdict on the same committed bytes.
             self.verifier = self.verifier.reset_failure()
@@ -587,7 +584,8 @@ class LedgerService:
         # log, which is never compacted past an uncertified block, so a restart re-applies it.
         signature = commit_signature(self.node.key, block_file.block.hash)
         self.signatures.setdefault(height, {})[self.node.key.id] = signature
-        self.own_unsent.append([height, block_file.block.hash, signature])
+        if not self._is_leader():  # the leader counts its own signature where it made it
+            self.own_unsent.append([height, block_file.block.hash, signature])
         now = time.monotonic()
         for envelope in block_file.block.records:
             fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
