@@ -41,6 +41,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -225,8 +226,9 @@ class TomqCluster:
         cluster.init(self.directory, self.names, broker=f"127.0.0.1:{self.port}")
         cluster.add_member(self.directory, "s1", "sensor")
         write_genesis(self.directory)
-        self.metrics_ports = {name: free_port() for name in self.names}
+        self.metrics_ports: dict[str, int] = {}  # each node picks a free one and logs it
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
+        self.log_offsets: dict[str, int] = {}
         self.broker: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -248,8 +250,22 @@ class TomqCluster:
     def start_node(self, name: str) -> None:
         argv = [PYTHON, "-m", "tomq", "node", str(self.directory), "--id", name, "--host", "127.0.0.1",
                 "--port", str(self.port), "--ledger-dir", str(self.workdir / "shared-ledger"),
-                "--metrics-port", str(self.metrics_ports[name]), *self.node_args]
-        self.nodes[name] = self.processes.start(argv, self.workdir / f"{name}.log")
+                "--metrics-port", "0", *self.node_args]
+        self.metrics_ports.pop(name, None)
+        log_path = self.workdir / f"{name}.log"
+        self.log_offsets[name] = log_path.stat().st_size if log_path.exists() else 0
+        self.nodes[name] = self.processes.start(argv, log_path)
+
+    def metrics_port(self, name: str) -> int:
+        """The port this run of the node logged (OSError until it has)."""
+        if name not in self.metrics_ports:
+            with open(self.workdir / f"{name}.log", "rb") as node_log:
+                node_log.seek(self.log_offsets[name])
+                found = re.search(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics", node_log.read())
+            if found is None:
+                raise OSError(f"{name} has not logged its metrics port yet")
+            self.metrics_ports[name] = int(found.group(1))
+        return self.metrics_ports[name]
 
     def kill_node(self, name: str) -> None:
         self.processes.kill(self.nodes.pop(name))
@@ -259,7 +275,7 @@ class TomqCluster:
         if name not in self.nodes:
             return {}
         try:
-            url = f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
+            url = f"http://127.0.0.1:{self.metrics_port(name)}/metrics"
             with urllib.request.urlopen(url, timeout=1) as response:
                 text = response.read().decode()
         except OSError:

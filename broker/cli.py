@@ -40,8 +40,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     for name in ("port", "tls_port", "metrics_port"):
         value = getattr(args, name)
-        if value is not None and not 0 < value < 65536:
-            raise ConfigError(f"--{name.replace('_', '-')} {value} is not between 1 and 65535")
+        lowest = 0 if name == "metrics_port" else 1  # metrics on 0: any free port, announced
+        if value is not None and not lowest <= value < 65536:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} is not between {lowest} and 65535")
     if args.mosquitto_conf is not None:
         if args.tls:
             raise ConfigError("--tls applies to the embedded broker; configure mosquitto's TLS listener yourself")
@@ -56,17 +57,19 @@ def run(args: argparse.Namespace) -> int:
     from tomq.broker.embedded import EmbeddedBroker
 
     broker = EmbeddedBroker(args.dir, host=args.host, port=args.port, tls=args.tls, tls_port=args.tls_port)
+    metrics_port = None
     if args.metrics_port is not None:
-        from prometheus_client import start_http_server
-
         from tomq.broker.amqtt_plugins import METRICS
+        from tomq.node.metrics import serve_metrics
 
-        start_http_server(args.metrics_port, addr="127.0.0.1", registry=METRICS)  # the operator's scraper only
+        metrics_port = serve_metrics(args.metrics_port, METRICS)  # loopback: the operator's scraper only
 
     def announce() -> None:
         print(f"tomq broker for cluster {broker.cluster} on mqtt://{broker.host}:{broker.port}", flush=True)
         if broker.tls is not None:
             print(f"  TLS on {broker.host}:{broker.tls_port}; clients trust {broker.tls.ca}", flush=True)
+        if metrics_port is not None:
+            print(f"  metrics on http://127.0.0.1:{metrics_port}/metrics", flush=True)
         print("  Ctrl-C stops it", flush=True)
 
     broker.run_forever(on_started=announce)

@@ -28,7 +28,8 @@ def register(commands: Any) -> None:
     node.add_argument("--data-dir", type=Path, help="this node's own state (default DIR/members/<id>/state)")
     node.add_argument("--host", help="broker host (default: cluster.toml)")
     node.add_argument("--port", type=int, help="broker port (default: cluster.toml)")
-    node.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    node.add_argument("--metrics-port", type=int,
+                      help="serve Prometheus metrics on 127.0.0.1:PORT (0 picks a free port and logs it)")
     node.add_argument("--tick-ms", type=float, default=50.0, help="Raft tick; elections after 10-20 ticks")
     node.add_argument("--max-batch", type=int, default=1000, help="records per block at most")
     node.add_argument("--retained-blocks", type=int, default=100, help="blocks kept retained on ledger/block/<h>")
@@ -94,6 +95,8 @@ def _run_node(args: argparse.Namespace) -> int:
     from tomq.node.ledger_service import LedgerService
     from tomq.node.orchestrator.service import Orchestrator
 
+    if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
+        raise ConfigError(f"--metrics-port {args.metrics_port} is not between 0 and 65535")
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s {args.id} %(levelname)s %(name)s: %(message)s")
     options = NodeOptions(mode=args.mode, tick_seconds=args.tick_ms / 1000, data_dir=args.data_dir,

@@ -87,7 +87,7 @@ class NodeOptions:
     status_every: float = 1.0  # seconds between status/load reports
     host: str | None = None
     port: int | None = None
-    metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:PORT
+    metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:PORT (0: any free port, logged)
     extra_subscriptions: list[str] = field(default_factory=list)
 
 
@@ -181,12 +181,14 @@ class NodeDaemon:
     # ------------------------------------------------------------ the loop
 
     def run(self) -> None:
+        # Metrics first: a port already taken stops the node before it joins anything.
+        if self.metrics is not None and self.options.metrics_port is not None:
+            port = self.metrics.serve(self.options.metrics_port)
+            log.info("metrics on http://127.0.0.1:%s/metrics", port)
         self.transport.start()
         self.link.subscribe(f"{self.topics.root}/node/+/load")
         for topic_filter in self.options.extra_subscriptions:
             self.link.subscribe(topic_filter)
-        if self.metrics is not None and self.options.metrics_port is not None:
-            self.metrics.serve(self.options.metrics_port)
         self.link.start(timeout=30)
         log.info("node %s up: term %s, %s entries, mode %s", self.name, self.raft.term,
                  self.raft.log.last_index(), self.options.mode)

@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tomq.errors import ConfigError
+
 ROLE_CODES = {"follower": 0, "pre-candidate": 1, "candidate": 2, "leader": 3}
 
 
@@ -47,6 +49,17 @@ class NodeMetrics:
         metric = Gauge(name, help, registry=self.registry)
         metric.set_function(lambda: float(read(self._status())))
 
-    def serve(self, port: int) -> None:
-        """Serve /metrics on 127.0.0.1 only: metrics are for the operator's scraper, not the field."""
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+    def serve(self, port: int) -> int:
+        """Serve /metrics on 127.0.0.1 only: metrics are for the operator's scraper, not the field.
+
+        Port 0 lets the system pick a free one; the port actually bound is returned so it can be logged.
+        A port already in use is a ConfigError naming it, not a traceback."""
+        return serve_metrics(port, self.registry)
+
+
+def serve_metrics(port: int, registry: CollectorRegistry) -> int:
+    try:
+        server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror}") from None
+    return int(server.server_port)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from procs import BROKERS, PYTHON, NodeProcess, free_port, leader_from_logs
+from procs import BROKERS, PYTHON, NodeProcess, leader_from_logs
 from tomq import cluster, records
 from tomq.node.cli import Proposer, write_genesis
 from tomq.records import DATA, ID_CREATE, Identity, Provenance, Record
@@ -29,13 +29,12 @@ class LedgerCluster:
         self.ledger_dir = ledger_dir if ledger_dir is not None else tmp_path / "shared-ledger"
         self.tmp_path = tmp_path
         self.mode = mode
-        self.metrics_ports = {name: free_port() for name in self.names}
         self.nodes = {name: NodeProcess(self._argv(name), tmp_path / f"{name}.log") for name in self.names}
 
     def _argv(self, name: str) -> list[str]:
         return [*TOMQ, "node", str(self.directory), "--id", name, "--host", "127.0.0.1",
                 "--port", str(self.broker.port), "--ledger-dir", str(self.ledger_dir), "--mode", self.mode,
-                "--metrics-port", str(self.metrics_ports[name]), *self.extra_args]
+                "--metrics-port", "0", *self.extra_args]
 
     def start(self) -> None:
         self.broker.start()
@@ -57,6 +56,9 @@ class LedgerCluster:
             text = re.sub(r"port = \d+", f"port = {self.broker.port}", text)
             (self.directory / "cluster.toml").write_text(text)
         return Proposer(str(self.directory), "n1")
+
+    def metrics_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.nodes[name].metrics_port()}/metrics"
 
     def store(self, name: str) -> Path:
         return self.directory / "members" / name / "state" / "blocks"

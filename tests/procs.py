@@ -6,6 +6,7 @@ Every process started here is stopped by the same fixture that started it, and o
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,6 +46,24 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, tim
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
+
+
+def metrics_port_in_log(path: Path, offset: int = 0, process: subprocess.Popen[bytes] | None = None,
+                        timeout: float = 15.0) -> int:
+    """The port a node or broker started with `--metrics-port 0` announced in its log after `offset`.
+
+    The process picks the port itself: one found free here and passed on could be taken (by any
+    outgoing connection's ephemeral port) before the process binds it, and then it refuses to start."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            found = re.search(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics", log.read())
+        if found:
+            return int(found.group(1))
+        if time.monotonic() > deadline or (process is not None and process.poll() is not None):
+            raise RuntimeError(f"no metrics port announced in {path}")
+        time.sleep(0.05)
 
 
 class HasLog(Protocol):
@@ -164,9 +183,11 @@ class NodeProcess:
         self.argv = argv
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_offset = 0
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
+        self.log_offset = log.tell()  # where this run's lines begin (the log outlives restarts)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
@@ -183,6 +204,10 @@ class NodeProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
             stop_process(self.process)
+
+    def metrics_port(self) -> int:
+        """The port this run's `--metrics-port 0` bound, from its log."""
+        return metrics_port_in_log(self.log_path, self.log_offset, self.process)
 
     def tail(self, lines: int = 30) -> str:
         try:

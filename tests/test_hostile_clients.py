@@ -62,7 +62,7 @@ def link_as(site: LedgerCluster, name: str, on_message=None) -> MqttLink:
 
 def refusals(site: LedgerCluster, node: str) -> dict[tuple[str, str, str], float]:
     """(what, sender, reason) -> count, from the node's /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{site.metrics_ports[node]}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(site.metrics_url(node), timeout=5).read().decode()
     counts = {}
     for match in re.finditer(r'^tomq_refused_total\{(.*)\} ([0-9.e+]+)$', text, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
@@ -251,14 +251,14 @@ def test_a_flood_of_bad_messages_at_the_leader_keeps_legitimate_commits_within_2
 
 
 def test_acl_violations_on_the_embedded_broker_are_refused_and_named_without_a_line_each(tmp_path):
-    from procs import AmqttBroker, free_port
+    from procs import AmqttBroker, metrics_port_in_log
 
     directory = tmp_path / "cluster"
     cluster.init(directory, ["n1", "n2", "n3"])
     cluster.add_member(directory, "mallory", "sensor")
-    metrics_port = free_port()
-    broker = AmqttBroker(directory, tmp_path / "broker", extra_args=("--metrics-port", str(metrics_port)))
+    broker = AmqttBroker(directory, tmp_path / "broker", extra_args=("--metrics-port", "0"))
     broker.start()
+    metrics_port = metrics_port_in_log(tmp_path / "broker" / "amqtt.log", 0, broker.process)
     seen: list[str] = []
     counted = 0.0
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -23,6 +24,7 @@ from conftest import require
 from procs import PYTHON, which
 from tomq import cluster
 from tomq.mqtt import wait_until
+from tomq.node.cli import write_genesis
 
 
 @pytest.fixture
@@ -148,11 +150,11 @@ def test_audit_stream_status_metrics_and_tampering(running, tmp_path):
 
     # Prometheus metrics on the loopback port of each node.
     for name in running.names:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_ports[name]}/metrics", timeout=5).read().decode()
+        text = urllib.request.urlopen(running.metrics_url(name), timeout=5).read().decode()
         assert "tomq_raft_term" in text and "tomq_ledger_records_committed" in text
     leader = running.leader()
     assert leader is not None
-    text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_ports[leader]}/metrics", timeout=5).read().decode()
+    text = urllib.request.urlopen(running.metrics_url(leader), timeout=5).read().decode()
     assert "tomq_raft_role 3.0" in text
     committed = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("tomq_ledger_records_committed_total")]
     assert committed and committed[0] >= 51
@@ -182,3 +184,23 @@ def test_audit_stream_status_metrics_and_tampering(running, tmp_path):
     files[1].unlink()
     result = verify(copy, running.directory)
     assert result.returncode == 1 and f"height {int(files[1].stem)}" in result.stdout, result.stdout
+
+
+def test_a_node_whose_metrics_port_is_taken_says_so_in_one_line_and_starts_nothing(tmp_path):
+    directory = tmp_path / "cluster"
+    cluster.init(directory, ["n1", "n2", "n3"])
+    write_genesis(directory)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        # No broker runs: a node that got past its metrics would wait for one instead of exiting.
+        done = subprocess.run([PYTHON, "-m", "tomq", "node", str(directory), "--id", "n1", "--port", "1",
+                               "--metrics-port", str(port)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    errors = done.stderr.strip().splitlines()
+    assert errors[-1] == f"tomq: ConfigError: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    assert "Traceback" not in done.stderr
+    refused = subprocess.run([PYTHON, "-m", "tomq", "node", str(directory), "--id", "n1", "--metrics-port", "70000"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--metrics-port 70000 is not between 0 and 65535" in refused.stderr
