@@ -699,6 +699,33 @@ def test_embedded_broker_picks_up_a_member_added_while_it_runs(private_cluster: 
             client.close()
 
 
+def test_embedded_broker_stops_delivering_to_a_member_struck_from_the_cluster(private_cluster: Path) -> None:
+    """Every delivery is checked against the current policy, not only the SUBSCRIBE: a member taken
+    out of cluster.toml stops receiving on the subscription it already holds."""
+    clusters.add_member(private_cluster, "s9", "sensor")
+    loaded = clusters.load(private_cluster)
+    with EmbeddedBroker(private_cluster, port=free_port()) as broker:
+        sensor = Client(broker.port, "s9", broker_password(loaded.signing_key("s9")))
+        node = Client(broker.port, "n1", broker_password(loaded.signing_key("n1")))
+        try:
+            assert not sensor.connect().is_failure and not node.connect().is_failure
+            audit = f"{ROOT}/audit/PROV-DATA"
+            assert not any(r.is_failure for r in sensor.subscribe(f"{ROOT}/audit/#"))
+            node.subscribe(f"{ROOT}/audit/#")
+            node.publish(audit, b"before")
+            assert sensor.wait_for(b"before", STEP)
+            toml = private_cluster / "cluster.toml"
+            toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
+                                    if 'name = "s9"' not in line))
+            time.sleep(1.0)  # the broker looks at its files at most twice a second on this path
+            node.publish(audit, b"after")
+            assert node.wait_for(b"after", STEP)
+            assert not sensor.wait_for(b"after", 1.0), "a member struck from cluster.toml still receives"
+        finally:
+            sensor.close()
+            node.close()
+
+
 def test_embedded_broker_tls_listener(private_cluster: Path) -> None:
     with EmbeddedBroker(private_cluster, port=free_port(), tls=True, tls_port=free_port()) as broker:
         assert broker.tls is not None and broker.tls_port is not None
