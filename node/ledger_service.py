@@ -189,10 +189,10 @@ class LedgerService:
             return
         if item.get("t") == "block" and isinstance(item.get("file"), bytes):
             if isinstance(item.get("certs"), list):
-                self._apply_certs(item["certs"])  # of earlier blocks: before this one, whatever it holds
+                self._apply_certs(item["certs"], entry.index)  # of earlier blocks: before this one, whatever it holds
             self._apply_block(entry, item["file"])
         elif item.get("t") == "cert" and isinstance(item.get("certs"), list):
-            self._apply_certs(item["certs"])
+            self._apply_certs(item["certs"], entry.index)
             if self.certified == self.verifier.height:
                 # Every block up to here is certified, so (once the writer has put it there) in the
                 # store and the shared directory: the Raft log may be compacted this far, and a node
@@ -598,7 +598,7 @@ class LedgerService:
         if self.node.metrics is not None:
             self.node.metrics.records_committed.inc(len(block_file.block.records))
 
-    def _apply_certs(self, certs: list[Any]) -> None:
+    def _apply_certs(self, certs: list[Any], entry_index: int) -> None:
         for item in certs:
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[2], dict)):
                 continue
@@ -608,6 +608,12 @@ class LedgerService:
             block_file = self.block_files.get(height)
             if block_file is None or block_file.block.hash != digest:
                 continue
+            problem = self._certificate_problem(height, digest, certificate)
+            if problem is not None:
+                # Deterministic (the same signatures, keys and node set everywhere): every node refuses
+                # it alike, and the block stays uncertified; no command is sent on its authority.
+                log.error("refusing the certificate of height %s in entry %s: %s", height, entry_index, problem)
+                break  # certify in order
             final = BlockFile(block_file.block, block_file.proposer_signature, certificate)
             data = encode_block_file(final)
             self._write_store(height, data)
@@ -616,6 +622,27 @@ class LedgerService:
             self.signatures.pop(height, None)
             if self.ledger_dir is None and self._is_leader():
                 self._speak(height, final, data)  # without a shared directory the leader speaks
+
+    def _certificate_problem(self, height: int, digest: bytes, certificate: dict[Any, Any]) -> str | None:
+        """Why `certificate` does not certify block `height` (None if it does): a majority of the
+        current nodes, every signature theirs and valid, as `tomq ledger verify` will demand of the
+        file. A signature this node has already verified (its own, or one a peer sent) is not
+        verified again: under load that is every one of them."""
+        nodes = self._node_ids()
+        needed = len(nodes) // 2 + 1
+        if not needed <= len(certificate) <= len(nodes):
+            return f"{len(certificate)} signature(s); a majority of the {len(nodes)} nodes needs {needed}"
+        verified = self.signatures.get(height, {})
+        for signer, signature in certificate.items():
+            if signer not in nodes:
+                return f"signer {str(signer)[:64]!r} is not a node"
+            if verified.get(signer) == signature:
+                continue
+            trusted = self.node.trust.by_id(signer)
+            if trusted is None or not isinstance(signature, bytes) \
+                    or not verify_commit_signature(trusted.subject, digest, signature):
+                return f"the signature of {trusted.name if trusted else signer} does not verify"
+        return None
 
     def _write_store(self, height: int, data: bytes) -> None:
         self.writer.put(height, data)
