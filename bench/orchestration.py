@@ -14,8 +14,8 @@ node/orchestrator/requests.py) but from this process, and the client notes:
     i.e. the decision is committed (p50, p99 per run);
   * the phases of the same placements as the deciding node reports them (`placement_timings` in
     the retained, signed `node/<id>/load` reports, the data behind `tomq status --json`): request
-    transfer, election network, vote processing, registration (the round that commits the service's
-    identity before it is placed), choosing, log write, consensus network, consensus processing and
+    transfer, election network, vote processing, registration (waiting for an earlier planning round:
+    a service's identity and its placement normally share one block), choosing, log write, consensus network, consensus processing and
     total (request received -> decision committed), the median of each per run.
 
 Rates: `seq` sends one request at a time (the next once the previous one's instance is recorded

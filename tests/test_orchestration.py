@@ -215,6 +215,11 @@ def test_deploy_places_replicas_that_run_where_the_ledger_says(orchestrated: Orc
               for _, r, _ in orchestrated.ledger_records()]
     assert (ID_CREATE, "service") in states
     assert states.count((ORCH, "place")) == 3
+    # one ledger round per deployment: the service joins and is placed in the same block, in that order
+    joined_and_placed = [(height, r.state) for height, r, _ in orchestrated.ledger_records()
+                         if r.state == ORCH or getattr(r.structure, "kind", None) == "service"]
+    assert len({height for height, _ in joined_and_placed}) == 1, joined_and_placed
+    assert [state for _, state in joined_and_placed] == [ID_CREATE, ORCH, ORCH, ORCH], joined_and_placed
     assert wait_until(lambda: [(r.state, getattr(r.structure, "kind", None)) for _, r, _ in
                                orchestrated.ledger_records()].count((ID_CREATE, "container")) == 3, 10)
     # every placement says what it saw: the loads of all three nodes

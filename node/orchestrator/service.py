@@ -244,6 +244,7 @@ class Orchestrator:
     # ------------------------------------------------------------------ leader
 
     def _lead(self, now: float) -> None:
+        joining: dict[str, ServiceSpec] = {}  # services whose ID-create this round proposes
         for pending in sorted(self.requests.values(), key=lambda p: p.request.seq):
             if now - pending.proposed < RETRY_SECONDS:
                 continue  # its record is on its way; the state shows it once committed
@@ -251,12 +252,19 @@ class Orchestrator:
             if record is not None:
                 pending.proposed = now
                 self._propose(record)
+                if record.state == ID_CREATE and pending.request.spec is not None:
+                    joining[pending.request.service] = pending.request.spec
         if self.plan_in_flight and now - self.plan_started < RETRY_SECONDS:
             return  # never plan twice for one replica: wait for the last round to commit
         self.plan_in_flight.clear()
         views = self.node_views(now)
         planning = time.time()
-        result = plan(self.state.specs, views, self.state.table)
+        # A service that joins in this round is placed in it too: its placements follow its ID-create
+        # in the same block (the ledger and every node's state take them in that order), so a
+        # deployment costs one ledger round, not two. Should the ID-create be refused, every node
+        # skips the placements alike and the request is tried again.
+        specs = {**self.state.specs, **joining} if joining else self.state.specs
+        result = plan(specs, views, self.state.table)
         now = time.time()
         self.unplaceable = [u.message for u in result.unplaceable]
         round_ids = set()

@@ -9,7 +9,8 @@ stamps of its own steps and the Raft core's phase events:
                           machine they agree; across machines read it with their skew in mind)
     election_network      campaign started -> first vote answer back (on-demand mode only)
     vote_processing       first vote answer -> elected
-    registration          a deployment's first round: committing the service's identity and spec
+    registration          request -> planning: 0 when the service's identity and its placements go
+                          in one block (the usual case); a round when planning had to wait
     choosing              planning (the pure placement function) for this decision
     log_write             the leader's fsync of the entry holding the decision
     consensus_processing  checking and applying the block on the leader
