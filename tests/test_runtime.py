@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from dockerd import dockerd, runtime_image
 
+from conftest import require
 from procs import free_port, pid_alive
 from tomq.errors import UsageError
 from tomq.mqtt import wait_until
@@ -247,6 +248,70 @@ def test_an_instance_reaches_a_tcp_server_on_loopback(runtimes: Runtimes) -> Non
         runtime.start(runtimes.spec("probe", (PYTHON, "-c", CONNECT, str(port), runtimes.kind)))
         thread.join(15)
     assert received == [f"hello from {runtimes.kind}".encode()], runtime.logs("probe", 0)
+
+
+# Takes the MiB given as argv[1], touching every page so that it counts, then sleeps.
+HOG = """\
+import sys, time
+block = bytearray(int(sys.argv[1]) * 1024 * 1024)
+for i in range(0, len(block), 4096):
+    block[i] = 1
+print("allocated", flush=True)
+time.sleep(120)
+"""
+SPIN = "print('spinning', flush=True)\nwhile True:\n    pass\n"
+
+
+def _require_limits(runtimes: Runtimes, runtime: Runtime) -> None:
+    if isinstance(runtime, ProcessRuntime):
+        require("cgroups for the process runtime", runtime.cgroups is not None, runtime.limits)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_instance_past_its_memory_limit_is_killed_and_one_within_it_runs(runtimes: Runtimes) -> None:
+    runtime = runtimes.new()
+    _require_limits(runtimes, runtime)
+    runtime.start(runtimes.spec("hog", (PYTHON, "-c", HOG, "256"), memory_mb=64, restart="no"))
+    runtime.start(runtimes.spec("fits", (PYTHON, "-c", HOG, "16"), memory_mb=128, restart="no"))
+
+    _poll_until(runtime, lambda found: any(i.service == "hog" and i.state == "exited" for i in found), 60)
+
+    states = {i.service: (i.state, i.exit_code) for i in runtime.list()}
+    assert states["hog"] == ("exited", 137), runtime.logs("hog", 0)  # SIGKILLed by the kernel, as docker says it
+    assert "allocated" not in runtime.logs("hog", 0)
+    assert wait_until(lambda: "allocated" in runtime.logs("fits", 0), 30), runtime.logs("fits", 0)
+    assert {i.service: i.state for i in runtime.list()}["fits"] == "running"
+    if isinstance(runtime, ProcessRuntime):
+        (record,) = [json.loads(path.read_text()) for path in runtime.state_dir.glob("*hog*/instance.json")]
+        assert record["limits"] == f"cgroup v{runtime.cgroups.version}"  # type: ignore[union-attr]
+
+
+def test_a_busy_instance_gets_no_more_cpu_than_its_spec_gives_it(runtimes: Runtimes) -> None:
+    runtime = runtimes.new()
+    _require_limits(runtimes, runtime)
+    runtime.start(runtimes.spec("spin", (PYTHON, "-c", SPIN), cpu=0.2))
+    assert wait_until(lambda: "spinning" in runtime.logs("spin", 0), 30), runtime.logs("spin", 0)
+    pids = runtime.pids()
+    before, started = _cpu_seconds(pids), time.monotonic()
+    time.sleep(3)
+    share = (_cpu_seconds(pids) - before) / (time.monotonic() - started)
+    # Unlimited it would take a whole core; the quota is 0.2 of one per 100 ms period.
+    assert 0.02 < share < 0.3, f"the spinning instance used {share:.2f} cores"
+    runtime.stop("spin", 0, timeout=1)
+    if isinstance(runtime, ProcessRuntime):
+        assert runtime.cgroups is not None
+        assert not [g for root in {runtime.cgroups.cpu_root, runtime.cgroups.memory_root}
+                    for g in root.glob(f"tomq-{CLUSTER}-{runtimes.node}-*")], "stop leaves no control group behind"
 
 
 def test_spec_is_checked_and_labels_are_strings() -> None:

@@ -13,8 +13,9 @@ signals the whole process group.
 
 What this runtime must never do: run an instance twice (the state directory is flock'd by one
 runtime object at a time, and the record is on disk before the process is launched), or signal
-a process it cannot prove it started. It does not enforce `cpu` or `memory_mb` (that needs cgroups,
-which a node running as an ordinary user does not have); the monitor reports what instances use.
+a process it cannot prove it started. `cpu` and `memory_mb` are enforced with a control group per
+instance (node/runtime/cgroups.py) where the node may make them (as root); elsewhere instances run
+unlimited, the record's "limits" and a warning at start say so, and the monitor reports what they use.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from tomq.node.runtime.base import (
     process_tree,
     read_stat,
 )
+from tomq.node.runtime.cgroups import Cgroups, detect_or_reason, joining
 from tomq.topics import check_segment
 
 log = logging.getLogger("tomq.runtime")
@@ -98,7 +100,7 @@ class ProcessRuntime:
     name = "process"
 
     def __init__(self, state_dir: str | os.PathLike[str], cluster: str, node: str, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, enforce_limits: bool = True) -> None:
         try:
             self.cluster = check_segment(cluster, "cluster name")
             self.node = check_segment(node, "node name")
@@ -109,6 +111,12 @@ class ProcessRuntime:
         self._boot_id = _boot_id()
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._seen: dict[str, Instance] = {}
+        self.cgroups: Cgroups | None = None
+        self.limits = "not enforced: switched off"  # how instances' cpu and memory are held (status)
+        if enforce_limits:
+            self.cgroups, self.limits = detect_or_reason()
+            if self.cgroups is None:
+                log.warning("process runtime: instances' cpu and memory limits are %s", self.limits)
         private_directory(self.state_dir, "process runtime state directory")
         try:
             self._lock_fd: int | None = os.open(self.state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -183,6 +191,8 @@ class ProcessRuntime:
             self._terminate(name, int(record["pid"]), record, timeout)
         self._children.pop(name, None)
         self._seen.pop(name, None)
+        if self.cgroups is not None:
+            self.cgroups.release(name)
         directory = self.state_dir / name
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
@@ -360,10 +370,18 @@ class ProcessRuntime:
         inherited = {key: os.environ[key] for key in INHERITED_ENV if key in os.environ}
         # Rebuilt from the record, so a restart after a node restart sees exactly what the first run saw.
         env = {**inherited, **instance_environment(record["labels"], record["env"], str(directory / FILES))}
-        record.update(state="created", pid=None, pid_start=None, exit_code=None, restart_at=None)
+        command = list(record["command"])
+        limits = self.limits if record["cpu"] > 0 or record["memory_mb"] > 0 else "none asked"
+        if self.cgroups is not None and limits != "none asked":
+            try:
+                command = joining(self.cgroups.limit(name, record["cpu"], record["memory_mb"]), command)
+            except OSError as exc:
+                limits = f"not enforced: cannot set up its control groups: {exc.strerror or exc}"
+                log.warning("%s: cpu and memory limits %s", name, limits)
+        record.update(state="created", pid=None, pid_start=None, exit_code=None, restart_at=None, limits=limits)
         self._save(name, record)
         with open(output, "ab") as sink:
-            child = subprocess.Popen(record["command"], stdin=subprocess.DEVNULL, stdout=sink,
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink,
                                      stderr=subprocess.STDOUT, env=env, cwd=directory / FILES,
                                      start_new_session=True, close_fds=True)
         self._children[name] = child
