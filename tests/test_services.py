@@ -111,6 +111,24 @@ def test_reading_checks_name_the_failure():
         seal_reading(keys["d1"], seq=4, time_ms=5, value=1, payload_hash=b"short")
 
 
+def test_two_replicas_of_one_service_never_take_each_other_s_commit():
+    key = SigningKey.generate()  # the service's one key, as both replicas hold it
+    sent: dict[int, list[bytes]] = {0: [], 1: []}
+    replicas = {r: LedgerProposer(key, Topics("t"), lambda topic, payload, qos, r=r: sent[r].append(payload),
+                                  member="analyser", micros=lambda: 1_000_000, replica=r) for r in (0, 1)}
+    outcomes: dict[int, list[object]] = {0: [], 1: []}
+    for replica, proposer in replicas.items():  # the same microsecond on both
+        record = Record(DATA, Provenance(f"out:{replica}", bytes(32), "sample:d1", f"analyse:{replica}",
+                                         source="d1"), 5)
+        proposer.propose(record, now=100.0, on_commit=outcomes[replica].append, on_give_up=lambda: None)
+    seqs = {r: canonical.decode(canonical.decode(sent[r][0])[0])["seq"] for r in (0, 1)}
+    assert seqs[0] != seqs[1]
+    # The ledger took replica 0's record: its audit line names key and seq. Replica 1 waits on.
+    for proposer in replicas.values():
+        proposer.on_audit_line({"height": 3, "proposer": key.id, "seq": seqs[0], "state": "PROV-ORCH"})
+    assert outcomes == {0: [3], 1: []}
+
+
 def test_proposer_reseals_gives_up_and_takes_any_commit_of_the_datum():
     key = SigningKey.generate()
     sent: list[bytes] = []

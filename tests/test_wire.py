@@ -225,6 +225,24 @@ def test_clock_sequences_rise_within_a_process_and_start_above_an_earlier_one():
     assert later.next() > first.last
 
 
+def test_replicas_sealing_in_the_same_microsecond_never_share_a_sequence_number():
+    # Two replicas of one service, their clocks stalled on the same microsecond, then stepping back.
+    ticks = [7_000, 7_000, 7_000, 6_999]
+    replicas = [ClockSequence(lambda: ticks[0], lane=lane, lanes=4) for lane in (0, 3)]
+    issued = {lane: [] for lane in (0, 3)}
+    for tick in ticks:
+        ticks[0] = tick
+        for replica in replicas:
+            issued[replica.lane].append(replica.next())
+    assert issued[0] == [28_000, 28_004, 28_008, 28_012] and issued[3] == [28_003, 28_007, 28_011, 28_015]
+    assert not set(issued[0]) & set(issued[3])
+    assert all(b > a for a, b in zip(issued[0], issued[0][1:], strict=False))
+    slow_start = ClockSequence(lambda: 0, lane=2, lanes=4)  # even a clock at zero stays in its lane
+    assert [slow_start.next(), slow_start.next()] == [2, 6]
+    with pytest.raises(ValueError, match=r"lane 4 is not in 0\.\.3"):
+        ClockSequence(lane=4, lanes=4)
+
+
 def test_size_limit_is_configurable():
     big = reading(body=b"x" * 2000)
     with pytest.raises(BodyTooLarge):

@@ -34,6 +34,8 @@ from tomq.wire import ClockSequence, seal
 
 log = logging.getLogger("tomq.service")
 
+SEQUENCE_LANES = 1024  # above the spec's MAX_REPLICAS (64); microseconds x 1024 fits a seq until 2255
+
 
 @dataclass
 class _Outstanding:
@@ -62,12 +64,13 @@ class LedgerProposer:
     REMEMBERED_DATA = 200_000  # committed data ids kept to recognise redelivered inputs
 
     def __init__(self, key: SigningKey, topics: Topics, publish: Callable[[str, bytes, int], object], *,
-                 member: str, micros: Callable[[], int] = lambda: time.time_ns() // 1000) -> None:
+                 member: str, micros: Callable[[], int] = lambda: time.time_ns() // 1000, replica: int = 0) -> None:
         self.key = key
         self.topics = topics
         self.topic = topics.ledger_propose(member)  # the only proposal topic the broker lets `member` use
         self._publish = publish
-        self._sequence = ClockSequence(micros)
+        # The replicas of a service sign with its one key: each keeps to its own sequence lane.
+        self._sequence = ClockSequence(micros, lane=replica, lanes=SEQUENCE_LANES)
         self._by_seq: dict[int, _Outstanding] = {}
         self._by_data: dict[str, _Outstanding] = {}
         self._pending: dict[int, _Outstanding] = {}  # id(entry) -> entry, not yet committed or given up

@@ -78,7 +78,8 @@ class ServiceRunner:
         self.link = ServiceLink(host=context.broker_host, port=context.broker_port, username=context.identity,
                                 password=broker_password(context.key), client_id=context.client_id,
                                 on_message=self._on_message, on_ready=self._on_ready)
-        self.proposer = LedgerProposer(context.key, self.topics, self.publish, member=context.identity)
+        self.proposer = LedgerProposer(context.key, self.topics, self.publish, member=context.identity,
+                                       replica=context.replica)
         self.devices = DeviceRegistry(context.trust, context.devices, context.ledger_height)
         self._placement_topic = self.topics.orch_placement(context.service)
         self._audit_prefix = f"{self.topics.root}/audit/"
