@@ -43,6 +43,7 @@ from tomq.durable import replace_file
 from tomq.errors import EnvelopeRejected, InvalidRecord, PeerError, TomqError
 from tomq.node.ledger import pattern
 from tomq.node.ledger.block import (
+    MAX_SIGNERS,
     BlockFile,
     block_file_name,
     commit_signature,
@@ -53,7 +54,7 @@ from tomq.node.ledger.block import (
     verify_commit_signature,
 )
 from tomq.node.ledger.block_writer import BlockWriter
-from tomq.node.ledger.verify import ChainVerifier, LedgerInvalid
+from tomq.node.ledger.verify import Certifiers, ChainVerifier, LedgerInvalid, certificate_problem
 from tomq.node.orchestrator.state import AppliedRecord
 from tomq.node.raft.core import Role
 from tomq.node.raft.types import Entry
@@ -107,6 +108,7 @@ class LedgerService:
         self.certified = -1  # highest height whose certificate is applied
         self.block_files: dict[int, BlockFile] = {}  # applied, not yet certified
         self.signatures: dict[int, dict[str, bytes]] = {}  # height -> signer id -> commit signature
+        self.certifiers: dict[int, Certifiers] = {}  # height -> who may certify it (applied, uncertified)
         self.own_unsent: list[list[Any]] = []
         self.last_gossip = 0.0
         self.last_catchup_error = 0.0
@@ -501,25 +503,18 @@ class LedgerService:
         no entry in flight certifies yet."""
         if not self._is_leader():
             return []
-        nodes = self._node_ids()
-        needed = len(nodes) // 2 + 1
         certs: list[list[Any]] = []
         for height in range(max(self.certified, self.cert_in_flight) + 1, self.verifier.height + 1):
             block_file = self.block_files.get(height)
-            sigs = {s: sig for s, sig in self.signatures.get(height, {}).items() if s in nodes}
-            if block_file is None or len(sigs) < needed:
+            certifiers = self.certifiers.get(height)
+            if block_file is None or certifiers is None:
+                break
+            sigs = {s: sig for s, sig in self.signatures.get(height, {}).items() if certifiers.counts(s)}
+            if len(sigs) < certifiers.majority:
                 break  # certify in order
-            chosen = dict(sorted(sigs.items())[:needed])
+            chosen = dict(sorted(sigs.items())[:certifiers.majority])
             certs.append([height, block_file.block.hash, chosen])
         return certs
-
-    def _node_ids(self) -> set[str]:
-        ids = set()
-        for name in self.verifier.state.members("node"):
-            certificate = self.node.trust.by_name(name)
-            if certificate is not None:
-                ids.add(certificate.subject_id)
-        return ids
 
     # ------------------------------------------------------------------ every node: apply
 
@@ -580,6 +575,8 @@ class LedgerService:
         height = block_file.block.height
         self.verifier.checked_envelopes.difference_update(block_file.block.records)
         self.block_files[height] = block_file
+        assert self.verifier.last_certifiers is not None  # the verifier has just checked this block
+        self.certifiers[height] = self.verifier.last_certifiers
         # Not written to the store yet: until its certificate is applied the block lives in the Raft
         # log, which is never compacted past an uncertified block, so a restart re-applies it.
         signature = commit_signature(self.node.key, block_file.block.hash)
@@ -610,39 +607,40 @@ class LedgerService:
                 continue
             problem = self._certificate_problem(height, digest, certificate)
             if problem is not None:
-                # Deterministic (the same signatures, keys and node set everywhere): every node refuses
-                # it alike, and the block stays uncertified; no command is sent on its authority.
+                # Deterministic (judged from the chain alone: the nodes joined before the block, the
+                # certificates the chain holds, the block's time): every node refuses it alike, and
+                # the block stays uncertified; no command is sent on its authority. A leader assembles
+                # the certificate again at its next tick.
                 log.error("refusing the certificate of height %s in entry %s: %s", height, entry_index, problem)
+                if self._is_leader():
+                    self.cert_in_flight = self.certified
                 break  # certify in order
             final = BlockFile(block_file.block, block_file.proposer_signature, certificate)
             data = encode_block_file(final)
             self._write_store(height, data)
-            self.certified = height
-            del self.block_files[height]
-            self.signatures.pop(height, None)
+            self._certified(height)
             if self.ledger_dir is None and self._is_leader():
                 self._speak(height, final, data)  # without a shared directory the leader speaks
 
-    def _certificate_problem(self, height: int, digest: bytes, certificate: dict[Any, Any]) -> str | None:
-        """Why `certificate` does not certify block `height` (None if it does): a majority of the
-        current nodes, every signature theirs and valid, as `tomq ledger verify` will demand of the
-        file. A signature this node has already verified (its own, or one a peer sent) is not
-        verified again: under load that is every one of them."""
-        nodes = self._node_ids()
-        needed = len(nodes) // 2 + 1
-        if not needed <= len(certificate) <= len(nodes):
-            return f"{len(certificate)} signature(s); a majority of the {len(nodes)} nodes needs {needed}"
-        verified = self.signatures.get(height, {})
-        for signer, signature in certificate.items():
-            if signer not in nodes:
-                return f"signer {str(signer)[:64]!r} is not a node"
-            if verified.get(signer) == signature:
-                continue
-            trusted = self.node.trust.by_id(signer)
-            if trusted is None or not isinstance(signature, bytes) \
-                    or not verify_commit_signature(trusted.subject, digest, signature):
-                return f"the signature of {trusted.name if trusted else signer} does not verify"
-        return None
+    def _certificate_problem(self, height: int, digest: bytes, certificate: Any) -> str | None:
+        """Why `certificate` does not certify block `height` (None if it does), judged as `tomq ledger
+        verify` will judge the file: by the nodes joined before the block, with the chain's own
+        certificates for them (not this host's cluster.toml, which may differ). A signature this node
+        has already verified (its own, or one a peer sent) is not verified again: under load that is
+        every one of them."""
+        certifiers = self.certifiers.get(height)
+        if certifiers is None:
+            return "this node has not applied the block"
+        if type(certificate) is not dict or len(certificate) > MAX_SIGNERS or not all(
+                type(signer) is str and type(signature) is bytes for signer, signature in certificate.items()):
+            return f"not a map of at most {MAX_SIGNERS} signer ids to signatures"
+        return certificate_problem(certifiers, digest, certificate, certifiers.majority, self.signatures.get(height))
+
+    def _certified(self, height: int) -> None:
+        self.certified = height
+        del self.block_files[height]
+        self.signatures.pop(height, None)
+        self.certifiers.pop(height, None)
 
     def _write_store(self, height: int, data: bytes) -> None:
         self.writer.put(height, data)
@@ -666,7 +664,11 @@ class LedgerService:
         link.publish(topics.ledger_head(), head, qos=1, retain=True)
 
     def _publish_audit(self, height: int, block_file: BlockFile) -> None:
-        for line_topic, line in audit_lines(self.node.topics, height, block_file):
+        # From what the verifier has just decoded and checked (it is always called right before):
+        # decoding every record again here was a sixth of the leader's loop under load.
+        opened = [(index, record, envelope.sender, envelope.seq, envelope.body) for index, ((record, _), envelope)
+                  in enumerate(zip(self.verifier.last_records, self.verifier.last_envelopes, strict=True))]
+        for line_topic, line in audit_lines(self.node.topics, height, block_file, opened):
             self.node.link.publish(line_topic, line.encode(), qos=0)
 
     def _catch_up(self) -> None:
@@ -699,6 +701,8 @@ class LedgerService:
             self._write_store(height, data)
             self.certified = height
             self.block_files.pop(height, None)
+            self.certifiers.pop(height, None)
+            self.signatures.pop(height, None)
         log.info("caught up to ledger height %s from %s", self.verifier.height, self.ledger_dir)
         backlog, self.backlog = self.backlog, []
         for entry in backlog:
@@ -718,17 +722,12 @@ class LedgerService:
             log.error("cannot take the certificate of height %s from %s: it holds another block", height,
                       self.ledger_dir)
             return False
-        nodes = self._node_ids()
-        valid = {signer for signer, signature in shared.commit_certificate.items()
-                 if signer in nodes and (c := self.node.trust.by_id(signer)) is not None
-                 and verify_commit_signature(c.subject, shared.block.hash, signature)}
-        if len(valid) < len(nodes) // 2 + 1:
-            log.error("the shared directory's certificate of height %s lacks a majority of valid signatures", height)
+        problem = self._certificate_problem(height, shared.block.hash, shared.commit_certificate)
+        if problem is not None:
+            log.error("cannot take the certificate of height %s from %s: %s", height, self.ledger_dir, problem)
             return False
         self._write_store(height, data)
-        self.certified = height
-        del self.block_files[height]
-        self.signatures.pop(height, None)
+        self._certified(height)
         return True
 
 
@@ -740,19 +739,25 @@ def _envelope_seq(envelope: bytes) -> int:
         return 0  # malformed: the opener will refuse it with a reason
 
 
-def audit_lines(topics: Any, height: int, block_file: BlockFile) -> list[tuple[str, str]]:
-    """One readable JSON line per record, for `mosquitto_sub -t 'tomq/+/audit/#'`."""
+def audit_lines(topics: Any, height: int, block_file: BlockFile,
+                opened: list[tuple[int, records.Record, str, int, Any]] | None = None) -> list[tuple[str, str]]:
+    """One readable JSON line per record, for `mosquitto_sub -t 'tomq/+/audit/#'`.
+
+    `opened`: (index, record, proposer id, seq, body) of each record, if already decoded."""
+    if opened is None:
+        opened = []
+        for index, envelope in enumerate(block_file.block.records):
+            signed, _ = canonical.decode(envelope)
+            fields = canonical.decode(signed, check_canonical=False)
+            try:
+                opened.append((index, records.from_map(fields["body"]), fields["from"], fields["seq"], fields["body"]))
+            except InvalidRecord:
+                continue
+    block = block_file.block.hash.hex()[:16]
     out = []
-    for index, envelope in enumerate(block_file.block.records):
-        signed, _ = canonical.decode(envelope)
-        fields = canonical.decode(signed, check_canonical=False)
-        try:
-            record = records.from_map(fields["body"])
-        except InvalidRecord:
-            continue
-        line = {"height": height, "index": index, "block": block_file.block.hash.hex()[:16],
-                "record": record.record_id, "state": record.state, "proposer": fields["from"],
-                "seq": fields["seq"], "t": record.time_ms, "body": jsonable(fields["body"])}
+    for index, record, proposer, seq, body in opened:
+        line = {"height": height, "index": index, "block": block, "record": record.record_id, "state": record.state,
+                "proposer": proposer, "seq": seq, "t": record.time_ms, "body": jsonable(body)}
         out.append((topics.audit(record.state), json.dumps(line, sort_keys=True)))
     return out
 

@@ -69,9 +69,11 @@ def test_forged_or_short_certificates_leave_the_block_uncertified_and_a_valid_on
     good = {n1.id: commit_signature(n1, digest), n3.id: commit_signature(n3, digest)}
     forged = {n1.id: good[n1.id], n3.id: commit_signature(n1, digest)}  # n1 signing in n3's name
     outsider = {n1.id: good[n1.id], loaded.signing_key("s1").id: commit_signature(loaded.signing_key("s1"), digest)}
-    refused = [({n1.id: good[n1.id]}, "1 signature(s); a majority of the 3 nodes needs 2"),
-               (forged, "the signature of n3 does not verify"),
-               (outsider, "is not a node")]
+    short = "commit certificate has 1 valid signature(s) of the 3 node(s) joined at this height; a majority needs 2"
+    refused = [({n1.id: good[n1.id]}, short),
+               (forged, f"commit signature of n3 ({n3.id}) does not verify"),
+               (outsider, short),  # a signature of someone who is not a node neither counts nor harms
+               ({n1.id: good[n1.id], n3.id: "not bytes"}, "not a map of at most 1024 signer ids to signatures")]
     with caplog.at_level(logging.ERROR, logger="tomq.ledger"):
         for index, (signatures, reason) in enumerate(refused, start=4):
             caplog.clear()
@@ -82,7 +84,7 @@ def test_forged_or_short_certificates_leave_the_block_uncertified_and_a_valid_on
     time.sleep(0.2)  # the block writer would have stored a certified block by now
     assert ledger.stored == 0 and not (ledger.store / block_file_name(1)).exists()
 
-    ledger.apply(cert_entry(7, digest, good))
+    ledger.apply(cert_entry(9, digest, good))
     assert ledger.certified == 1
     assert wait_until(lambda: ledger.stored == 1, 10, 0.02)
     stored = decode_block_file((ledger.store / block_file_name(1)).read_bytes())

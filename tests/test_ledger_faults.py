@@ -25,6 +25,8 @@ from procs import PYTHON, which
 from tomq import cluster
 from tomq.mqtt import wait_until
 from tomq.node.cli import write_genesis
+from tomq.node.ledger.block import block_file_name, decode_block_file
+from tomq.node.ledger_service import audit_lines
 
 
 @pytest.fixture
@@ -147,6 +149,16 @@ def test_audit_stream_status_metrics_and_tampering(running, tmp_path):
     assert topic == f"tomq/{loaded.name}/audit/PROV-DATA"
     line = json.loads(payload)
     assert line["state"] == "PROV-DATA" and line["body"]["prov"]["source"] == "s1"
+    # Every line the leader sent is the one an auditor derives from the block file it names.
+    for received in lines:
+        topic, payload = received.split(" ", 1)
+        line = json.loads(payload)
+        stored = running.store(running.names[0]) / block_file_name(line["height"])
+        assert wait_until(stored.exists, 10), stored
+        expected = [json.loads(text) for t, text in audit_lines(loaded.topics, line["height"],
+                                                                 decode_block_file(stored.read_bytes()))
+                    if t == topic and json.loads(text)["index"] == line["index"]]
+        assert expected == [line]
 
     # Prometheus metrics on the loopback port of each node.
     for name in running.names:

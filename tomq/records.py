@@ -75,13 +75,19 @@ class Record:
     structure: Structure
     time_ms: int
     attributes: dict[str, Any] = field(default_factory=dict)
+    # The id, once computed: it costs a validation, an encoding and a hash, and the ledger leader asks
+    # for it several times per record (audit line, orchestrator, actuation). Records are immutable.
+    _id: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def encode(self) -> bytes:
         return canonical.encode(self.to_map())
 
     @property
     def record_id(self) -> str:
-        return hashlib.sha256(self.encode()).hexdigest()[:32]
+        if self._id is None:
+            object.__setattr__(self, "_id", hashlib.sha256(self.encode()).hexdigest()[:32])
+        assert self._id is not None
+        return self._id
 
     def to_map(self) -> dict[str, Any]:
         validate(self)

@@ -58,7 +58,7 @@ from tomq.node.ledger.block import (
 )
 from tomq.node.ledger.pattern import IllegalTransition, PatternState
 from tomq.records import ID_CREATE, Identity, Record
-from tomq.wire import EnvelopeOpener
+from tomq.wire import Envelope, EnvelopeOpener
 
 # The certificate role an IDENTITY kind must be backed by. Containers are absent: their id-proof is
 # the hash of the evidence (image digest, spec), and their own service identity joins as a service.
@@ -160,6 +160,45 @@ class _Signer:
     certificate: Certificate
 
 
+@dataclass(frozen=True, slots=True)
+class Certifiers:
+    """Who may certify one block: the nodes joined before it (the operator for genesis), by key id,
+    with the certificates the chain itself holds for them, and the block's time they must be valid at."""
+
+    signers: Mapping[str, _Signer]
+    electorate: int
+    time_ms: int
+
+    @property
+    def majority(self) -> int:
+        return self.electorate // 2 + 1
+
+    def counts(self, signer_id: str) -> bool:
+        """Whether a valid signature of `signer_id` counts towards this block's certificate."""
+        signer = self.signers.get(signer_id)
+        return signer is not None and signer.certificate.is_valid_at(self.time_ms / 1000)
+
+
+def certificate_problem(certifiers: Certifiers, digest: bytes, certificate: Mapping[str, bytes], needed: int,
+                        verified: Mapping[str, bytes] | None = None) -> str | None:
+    """Why `certificate` does not certify the block `digest` (None if it does), as an auditor judges it:
+    signatures of others than `certifiers` neither count nor harm; one of theirs that does not verify
+    is an error; `needed` must verify. `verified`: signatures the caller has already checked."""
+    valid = 0
+    for signer_id, signature in sorted(certificate.items()):
+        if not certifiers.counts(signer_id):
+            continue
+        signer = certifiers.signers[signer_id]
+        if (verified is None or verified.get(signer_id) != signature) and \
+                not verify_commit_signature(signer.certificate.subject, digest, signature):
+            return f"commit signature of {signer.name} ({signer_id}) does not verify"
+        valid += 1
+    if valid < needed:
+        return (f"commit certificate has {valid} valid signature(s) of the {certifiers.electorate} node(s) "
+                f"joined at this height; a majority needs {needed}")
+    return None
+
+
 @dataclass
 class ChainVerifier:
     """Checks blocks one height at a time, from genesis.
@@ -192,6 +231,9 @@ class ChainVerifier:
         self._nodes_cache: tuple[str, ...] | None = None
         # The records of the block the last successful `add` checked, with their signers' names.
         self.last_records: list[tuple[Record, str]] = []
+        self.last_envelopes: list[Envelope] = []  # the same records' envelopes, opened
+        self.last_certifiers: Certifiers | None = None  # who may certify the block `add` last checked
+        self._opened: list[Envelope] = []
 
     def add(self, height: int, data: bytes, *, require_certificate: bool = True) -> BlockFile:
         """Check the block file `data` found at `height`; return it decoded, or raise LedgerInvalid.
@@ -272,19 +314,11 @@ class ChainVerifier:
         if not verify_block_signature(proposer.certificate.subject, digest, block_file.proposer_signature):
             raise fail(f"proposer signature of {proposer.name} ({block.proposer}) does not verify")
 
-        electorate = 1 if height == 0 else len(joined_nodes)
-        needed = electorate // 2 + 1 if require_certificate else 0
-        valid = 0
-        for signer_id, signature in sorted(block_file.commit_certificate.items()):
-            signer = signers.get(signer_id)
-            if signer is None or not signer.certificate.is_valid_at(now):
-                continue  # not a node at this height (or not at this time): neither counts nor harms
-            if not verify_commit_signature(signer.certificate.subject, digest, signature):
-                raise fail(f"commit signature of {signer.name} ({signer_id}) does not verify")
-            valid += 1
-        if valid < needed:
-            raise fail(f"commit certificate has {valid} valid signature(s) of the {electorate} node(s) "
-                       f"joined at this height; a majority needs {needed}")
+        certifiers = Certifiers(signers, 1 if height == 0 else len(joined_nodes), block.time_ms)
+        problem = certificate_problem(certifiers, digest, block_file.commit_certificate,
+                                      certifiers.majority if require_certificate else 0)
+        if problem is not None:
+            raise fail(problem)
 
         if block.record_count != len(block.records):
             raise fail(f"header counts {block.record_count} records, the block holds {len(block.records)}")
@@ -295,9 +329,12 @@ class ChainVerifier:
         counts: Counter[str] = Counter()
         changed_identities: list[Identity] = []
         applied: list[tuple[Record, str]] = []
+        self._opened = []
         for index, envelope_bytes in enumerate(block.records):
             state = self._apply_record(height, index, envelope_bytes, now, state, counts, changed_identities, applied)
         self.last_records = applied  # what the block's records said and who signed each: for the caller
+        self.last_envelopes = self._opened
+        self.last_certifiers = certifiers
         if any(identity.kind == "node" for identity in changed_identities):
             self._nodes_cache = None
         self.state = state
@@ -360,6 +397,7 @@ class ChainVerifier:
         if isinstance(record.structure, Identity):
             changed_identities.append(record.structure)
         applied.append((record, sender.name))
+        self._opened.append(envelope)
         return state
 
     def _identity_proof(self, identity: Identity, now: float, fail: Callable[[str], LedgerInvalid]) -> bytes | None:
