@@ -122,6 +122,7 @@ class PolicySource:
 
 
 RELOAD_CHECK_SECONDS = 0.5  # how stale the policy may be after `tomq device add`
+RECEIVE_CACHE_SECONDS = 1.0  # how long a delivery decision is reused (a certificate may expire meanwhile)
 
 _sources: dict[Path, PolicySource] = {}
 _sources_lock = threading.Lock()
@@ -244,14 +245,17 @@ class TomqBroker(Broker):
         if plugin is None:
             return False  # without tomq's plugin there is no policy, and nothing is delivered here
         policy = plugin.source.current(RELOAD_CHECK_SECONDS)
-        cache: tuple[Policy, dict[tuple[str | None, str], bool]] | None = getattr(self, "_receive_cache", None)
-        if cache is None or cache[0] is not policy or len(cache[1]) > 50_000:
-            cache = (policy, {})
+        now = time.monotonic()
+        # Answers are kept for a second at most: besides the files changing, a member's rights end
+        # when its certificate expires, which only asking the policy again notices.
+        cache: tuple[Policy, float, dict[tuple[str | None, str], bool]] | None = getattr(self, "_receive_cache", None)
+        if cache is None or cache[0] is not policy or now - cache[1] > RECEIVE_CACHE_SECONDS or len(cache[2]) > 50_000:
+            cache = (policy, now, {})
             self._receive_cache = cache
         key = (_text(session.username), topic)
-        allowed = cache[1].get(key)
+        allowed = cache[2].get(key)
         if allowed is None:
-            allowed = cache[1][key] = policy.may_receive(key[0], topic)
+            allowed = cache[2][key] = policy.may_receive(key[0], topic)
         return allowed
 
     async def _initialize_client_session(
