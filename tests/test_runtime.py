@@ -338,13 +338,38 @@ def test_process_runtime_takes_its_state_directory_for_itself(tmp_path: Path) ->
     ProcessRuntime(tmp_path, CLUSTER, "n1").close()  # released on close
 
 
-def test_process_runtime_reports_a_missing_command(tmp_path: Path) -> None:
+@pytest.mark.parametrize("limits", [{}, {"cpu": 0.5, "memory_mb": 64}], ids=["unlimited", "limited"])
+def test_process_runtime_reports_a_missing_command(tmp_path: Path, limits: dict[str, Any]) -> None:
     with ProcessRuntime(tmp_path, CLUSTER, "n1") as runtime:
         spec = InstanceSpec(cluster=CLUSTER, service="s", replica=0, node="n1", height=1, image="-",
-                            command=("/nonexistent/tomq-service",))
+                            command=("/nonexistent/tomq-service",), **limits)
         with pytest.raises(InstanceFailed, match="cannot run tomq-rt-n1-s-0: /nonexistent/tomq-service"):
             runtime.start(spec)
         assert runtime.list() == []
+
+
+# Starts a grandchild in a session of its own (out of the instance's process group), prints its pid.
+ESCAPE = """\
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_stop_also_kills_what_left_the_instance_s_process_group(tmp_path: Path) -> None:
+    with ProcessRuntime(tmp_path, CLUSTER, "n1") as runtime:
+        require("cgroups for the process runtime", runtime.cgroups is not None, runtime.limits)
+        runtime.start(InstanceSpec(cluster=CLUSTER, service="esc", replica=0, node="n1", height=1, image="-",
+                                   command=(PYTHON, "-c", ESCAPE), cpu=0.5, memory_mb=128))
+        assert wait_until(lambda: runtime.logs("esc", 0).strip().isdigit(), 30), runtime.logs("esc", 0)
+        escaped = int(runtime.logs("esc", 0).strip())
+        assert pid_alive(escaped)
+        runtime.stop("esc", 0, timeout=2)
+        assert wait_until(lambda: not pid_alive(escaped), 10), "a process that called setsid outlived stop()"
+        assert runtime.cgroups is not None
+        assert not any((root / f"tomq-{CLUSTER}-n1-esc-0").exists()
+                       for root in (runtime.cgroups.cpu_root, runtime.cgroups.memory_root))
 
 
 def test_process_runtime_never_signals_a_reused_pid(tmp_path: Path) -> None:

@@ -12,12 +12,18 @@ so nothing the program forks can start outside the limits.
 
 Where no writable hierarchy is found, `detect` says why and instances run unlimited; the runtime
 records that in the instance record and logs it once, so an operator is not left believing limits hold.
+
+The groups sit in tomq's own tree at the top of each hierarchy, as docker keeps its containers in
+`docker/`: instances outlive the node process by design (a restarted node finds them), so they are
+not placed inside the node's own group, which its supervisor may empty when it stops the node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +100,11 @@ class Cgroups:
         groups = sorted({self.cpu_root / name, self.memory_root / name})
         for group in groups:
             group.mkdir(exist_ok=True)
+            # Processes still here are what an earlier run of this instance left behind (the runtime
+            # has just found it not running): they must not share the new run's limits.
+            leftovers = _kill_members(group)
+            if leftovers:
+                log.warning("killed %d leftover process(es) of %s in %s", leftovers, name, group)
         quota = max(MIN_CPU_QUOTA_US, round(cpu * CPU_PERIOD_US)) if cpu > 0 else None
         memory = memory_mb * 1024 * 1024 if memory_mb > 0 else None
         cpu_group, memory_group = self.cpu_root / name, self.memory_root / name
@@ -109,9 +120,11 @@ class Cgroups:
         return groups
 
     def release(self, name: str, timeout: float = 2.0) -> None:
-        """Remove the groups of instance `name` once its processes are gone (the kernel refuses before)."""
+        """Remove the groups of instance `name`, killing what is left in them first: a process that
+        left the instance's process group (setsid) is still inside its control group."""
         deadline = time.monotonic() + timeout
         for group in sorted({self.cpu_root / name, self.memory_root / name}):
+            _kill_members(group)
             while group.exists():
                 try:
                     group.rmdir()
@@ -122,6 +135,26 @@ class Cgroups:
                         log.warning("cannot remove control group %s: %s", group, exc.strerror or exc)
                         break
                     time.sleep(0.02)  # a killed process leaves its group a moment after it is reaped
+
+
+    def sweep(self, prefix: str, keep: set[str]) -> None:
+        """Remove the empty groups named `prefix`... that no instance in `keep` owns (a node that died
+        between launching and stopping left them); groups with processes are left alone."""
+        for root in {self.cpu_root, self.memory_root}:
+            with contextlib.suppress(OSError):
+                for group in root.iterdir():
+                    if group.is_dir() and group.name.startswith(prefix) and group.name not in keep \
+                            and not _read(group / "cgroup.procs").split():
+                        with contextlib.suppress(OSError):
+                            group.rmdir()
+
+
+def _kill_members(group: Path) -> int:
+    pids = [int(pid) for pid in _read(group / "cgroup.procs").split() if pid.isdigit()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
 
 
 def joining(groups: list[Path], command: list[str]) -> list[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -131,6 +132,9 @@ class ProcessRuntime:
             self._lock_fd = None
             raise RuntimeUnavailable(f"{self.state_dir} is in use by another process runtime "
                                      "(is another tomq node running with this state directory?)") from None
+        if self.cgroups is not None:  # groups of instances that no longer have a record here
+            self.cgroups.sweep(f"tomq-{self.cluster}-{self.node}-",
+                               {entry.name for entry in os.scandir(self.state_dir) if entry.is_dir()})
 
     # ------------------------------------------------------------------ the Runtime interface
 
@@ -373,6 +377,9 @@ class ProcessRuntime:
         command = list(record["command"])
         limits = self.limits if record["cpu"] > 0 or record["memory_mb"] > 0 else "none asked"
         if self.cgroups is not None and limits != "none asked":
+            # Through the shell a missing program would only show as exit code 127: say it here.
+            if shutil.which(command[0], path=env.get("PATH", os.defpath)) is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command[0])
             try:
                 command = joining(self.cgroups.limit(name, record["cpu"], record["memory_mb"]), command)
             except OSError as exc:
