@@ -249,6 +249,8 @@ class Orchestrator:
             if now - pending.proposed < RETRY_SECONDS:
                 continue  # its record is on its way; the state shows it once committed
             record = self._record_for_request(pending, now)
+            if record is not None and record.state == ID_CREATE and pending.request.service in joining:
+                continue  # two deployments of one service: the first joins; the next is looked at after
             if record is not None:
                 pending.proposed = now
                 self._propose(record)
