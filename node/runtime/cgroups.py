@@ -44,7 +44,8 @@ class CgroupsUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Cgroups:
-    """Where instance groups go: `version` 2 (one `root` for both) or 1 (`cpu_root`, `memory_root`)."""
+    """Where instance groups go: tomq's tree in the cpu and the memory hierarchy (on cgroup v2 the
+    same directory twice, on v1 one per controller)."""
 
     version: int
     cpu_root: Path
