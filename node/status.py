@@ -56,7 +56,7 @@ def collect(cluster_dir: str, as_name: str | None = None, wait: float = 1.5) -> 
         status = report.get("status", {})
         rows[node] = {"reported": True, "last_contact_s": round((now_ms - report.get("time_ms", 0)) / 1000, 1),
                       "load": report.get("load"), **status,
-                      **{key: report[key] for key in ("cpu", "memory", "labels", "runtime", "instances")
+                      **{key: report[key] for key in ("cpu", "memory", "labels", "runtime", "limits", "instances")
                          if key in report}}
     live = [r for r in rows.values() if r.get("reported") and r.get("last_contact_s", 99) < 10]
     leaders = {str(r["leader"]) for r in live if r.get("leader")}
@@ -81,7 +81,8 @@ def print_status(view: dict[str, Any]) -> None:
               f"applied {row.get('applied')} load {row.get('load', 0):.2f} last contact {row.get('last_contact_s')} s"
               + (f" commit p50 {row['commit_p50_ms']} ms" if row.get("commit_p50_ms") is not None else "")
               + (f" cpu {row['cpu']:.2f} mem {row['memory']:.2f}" if isinstance(row.get("cpu"), float) else "")
-              + (f" runtime {row['runtime']}" if row.get("runtime") else ""))
+              + (f" runtime {row['runtime']}" if row.get("runtime") else "")
+              + (f" (limits: {row['limits']})" if row.get("runtime") and row.get("limits") else ""))
     for placement in view.get("placements", []):
         print(f"  {placement['service']}:{placement['replica']:<4} on {placement['node']} "
               f"(decided at height {placement['height']})")

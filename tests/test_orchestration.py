@@ -28,6 +28,7 @@ from ledger_cluster import TOMQ, LedgerCluster
 from tomq import cluster, records
 from tomq.mqtt import MqttLink, wait_until
 from tomq.node.ledger.block import decode_block_file
+from tomq.node.runtime.cgroups import detect_or_reason
 from tomq.records import ID_CREATE, ID_DELETE, ORCH
 
 _NAMES = itertools.count()
@@ -235,6 +236,9 @@ def test_deploy_places_replicas_that_run_where_the_ledger_says(orchestrated: Orc
         return [t for n in nodes for t in n.get("orchestration", {}).get("placement_timings", [])]
 
     assert wait_until(lambda: len(timings()) == 3, 10, 0.5)  # reports go out once a second
+    # how each node holds its instances' cpu and memory, as operators see it in `tomq status`
+    limits = {row.get("limits") for row in orchestrated.status()["nodes"].values()}
+    assert limits == {"docker" if orchestrated.runtime == "docker" else detect_or_reason()[1]}, limits
     assert all(t["phases_ms"]["total"] > 0 and t["trigger"] == "request" for t in timings()), timings()
     verify = orchestrated.tomq("ledger", "verify", str(orchestrated.ledger_dir), "--operator-key",
                                str(orchestrated.directory / "operator" / "operator.pub"))

@@ -552,6 +552,7 @@ class Orchestrator:
                 "cores": self.monitor.cores, "memory_mb": round(self.monitor.memory_total_mb),
                 "labels": self.labels, "reported_height": self.state.height,
                 "runtime": self.runtime.name if self.runtime is not None else None,
+                "limits": self.runtime.limits if self.runtime is not None else None,
                 "instances": sorted(f"{i.service}:{i.replica}@{i.height}:{i.state}" for i in self.instances)}
 
     def load_score(self) -> float:

@@ -183,6 +183,7 @@ class Runtime(Protocol):
     (Annotations say builtins.list because the method list() shadows the builtin in class scope.)"""
 
     name: str
+    limits: str  # how a spec's cpu and memory are held ("docker", "cgroup v1", "not enforced: <why>")
 
     def start(self, spec: InstanceSpec) -> Instance:
         """Run `spec` unless it already exists. Idempotent per (service, replica, height): an instance

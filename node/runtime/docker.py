@@ -178,6 +178,7 @@ class DockerRuntime:
     """
 
     name = "docker"
+    limits = "docker"  # the engine's own cpu and memory limits
 
     def __init__(self, base_url: str | None, cluster: str, node: str, *,
                  state_dir: str | os.PathLike[str] | None = None,
