@@ -73,7 +73,9 @@ def test_forged_or_short_certificates_leave_the_block_uncertified_and_a_valid_on
     refused = [({n1.id: good[n1.id]}, short),
                (forged, f"commit signature of n3 ({n3.id}) does not verify"),
                (outsider, short),  # a signature of someone who is not a node neither counts nor harms
-               ({n1.id: good[n1.id], n3.id: "not bytes"}, "not a map of at most 1024 signer ids to signatures")]
+               ({n1.id: good[n1.id], n3.id: "not bytes"}, "must map signer ids to 64-byte signatures"),
+               # an extra signer that is not a node would be ignored, but its entry must still decode
+               ({**good, "x" * 200: bytes(5)}, "must map signer ids to 64-byte signatures")]
     with caplog.at_level(logging.ERROR, logger="tomq.ledger"):
         for index, (signatures, reason) in enumerate(refused, start=4):
             caplog.clear()

@@ -212,14 +212,24 @@ def decode_block_file(data: bytes) -> BlockFile:
     if type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
         raise MalformedBlock(f"block proposer signature must be {SIGNATURE_BYTES} bytes")
     certificate = raw["certificate"]
-    if type(certificate) is not dict or len(certificate) > MAX_SIGNERS:
-        raise MalformedBlock(f"block commit certificate must be a map of at most {MAX_SIGNERS} signers")
-    for signer, commit in certificate.items():
-        if not 0 < len(signer) <= MAX_ID_CHARS or type(commit) is not bytes or len(commit) != SIGNATURE_BYTES:
-            raise MalformedBlock(f"block commit certificate must map signer ids to {SIGNATURE_BYTES}-byte signatures")
+    problem = certificate_shape_problem(certificate)
+    if problem is not None:
+        raise MalformedBlock(problem)
     block = Block(header["v"], header["height"], header["prev"], header["term"], header["t"], header["proposer"],
                   tuple(records), header["records_root"], header["record_count"])
     return BlockFile(block, signature, certificate)
+
+
+def certificate_shape_problem(certificate: Any) -> str | None:
+    """The defect of shape of a commit certificate, or None; judging its signatures is verify.py's job.
+    A node checks this before storing a certificate, so every file it writes decodes again."""
+    if type(certificate) is not dict or len(certificate) > MAX_SIGNERS:
+        return f"block commit certificate must be a map of at most {MAX_SIGNERS} signers"
+    for signer, commit in certificate.items():
+        if type(signer) is not str or not 0 < len(signer) <= MAX_ID_CHARS or type(commit) is not bytes \
+                or len(commit) != SIGNATURE_BYTES:
+            return f"block commit certificate must map signer ids to {SIGNATURE_BYTES}-byte signatures"
+    return None
 
 
 def _header_problem(header: dict[str, Any]) -> str | None:
