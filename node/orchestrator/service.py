@@ -245,11 +245,16 @@ class Orchestrator:
 
     def _lead(self, now: float) -> None:
         joining: dict[str, ServiceSpec] = {}  # services whose ID-create this round proposes
+        # Services with an ID-create on its way from an earlier round: a second deployment of one of
+        # them waits until the ledger shows which spec joined.
+        on_its_way = {p.request.service for p in self.requests.values() if p.request.spec is not None
+                      and now - p.proposed < RETRY_SECONDS and p.request.service not in self.state.specs}
         for pending in sorted(self.requests.values(), key=lambda p: p.request.seq):
             if now - pending.proposed < RETRY_SECONDS:
                 continue  # its record is on its way; the state shows it once committed
             record = self._record_for_request(pending, now)
-            if record is not None and record.state == ID_CREATE and pending.request.service in joining:
+            if record is not None and record.state == ID_CREATE and (
+                    pending.request.service in joining or pending.request.service in on_its_way):
                 continue  # two deployments of one service: the first joins; the next is looked at after
             if record is not None:
                 pending.proposed = now
