@@ -365,11 +365,29 @@ def test_stop_also_kills_what_left_the_instance_s_process_group(tmp_path: Path) 
         assert wait_until(lambda: runtime.logs("esc", 0).strip().isdigit(), 30), runtime.logs("esc", 0)
         escaped = int(runtime.logs("esc", 0).strip())
         assert pid_alive(escaped)
+        assert runtime.cgroups is not None
+        roots = {runtime.cgroups.cpu_root, runtime.cgroups.memory_root}
+        assert all(len(list(root.glob(f"tomq-{CLUSTER}-n1-esc-0.*"))) == 1 for root in roots)
         runtime.stop("esc", 0, timeout=2)
         assert wait_until(lambda: not pid_alive(escaped), 10), "a process that called setsid outlived stop()"
-        assert runtime.cgroups is not None
-        assert not any((root / f"tomq-{CLUSTER}-n1-esc-0").exists()
-                       for root in (runtime.cgroups.cpu_root, runtime.cgroups.memory_root))
+        assert not any(list(root.glob(f"tomq-{CLUSTER}-n1-esc-0.*")) for root in roots)
+
+
+def test_two_runtimes_with_the_same_names_keep_out_of_each_other_s_groups(tmp_path: Path) -> None:
+    """Two clusters on one machine may both have node n1 and service s: neither runtime may kill or
+    reuse the other's instances through the machine-wide control groups."""
+    spec = InstanceSpec(cluster=CLUSTER, service="twin", replica=0, node="n1", height=1, image="-",
+                        command=(PYTHON, "-c", REPORT), cpu=0.5, memory_mb=128)
+    with ProcessRuntime(tmp_path / "a", CLUSTER, "n1") as first, ProcessRuntime(tmp_path / "b", CLUSTER, "n1") as second:
+        require("cgroups for the process runtime", first.cgroups is not None, first.limits)
+        one = first.start(spec)
+        two = second.start(spec)
+        assert one.pid is not None and two.pid is not None and one.pid != two.pid
+        second.stop("twin", 0, timeout=2)
+        assert wait_until(lambda: not pid_alive(two.pid or 0), 10)
+        time.sleep(0.3)
+        assert pid_alive(one.pid), "stopping one runtime's instance killed the other's"
+        assert [i.state for i in first.list()] == ["running"]
 
 
 def test_process_runtime_never_signals_a_reused_pid(tmp_path: Path) -> None:

@@ -97,15 +97,17 @@ class Cgroups:
                     (parent / "cgroup.subtree_control").write_text("+cpu +memory")
 
     def limit(self, name: str, cpu: float, memory_mb: int) -> list[Path]:
-        """Make (or reset) the groups of instance `name` with these limits (0: none); the groups to join."""
+        """Make (or reset) the groups called `name` with these limits (0: none); the groups to join.
+
+        `name` must be this runtime's alone (the process runtime adds a tag of its state directory):
+        what is found inside is what an earlier run of the instance left behind, killed here so that
+        it does not share the new run's limits."""
         groups = sorted({self.cpu_root / name, self.memory_root / name})
         for group in groups:
             group.mkdir(exist_ok=True)
-            # Processes still here are what an earlier run of this instance left behind (the runtime
-            # has just found it not running): they must not share the new run's limits.
-            leftovers = _kill_members(group)
+            leftovers = _empty(group, timeout=2.0)
             if leftovers:
-                log.warning("killed %d leftover process(es) of %s in %s", leftovers, name, group)
+                log.warning("killed %d leftover process(es) in %s", leftovers, group)
         quota = max(MIN_CPU_QUOTA_US, round(cpu * CPU_PERIOD_US)) if cpu > 0 else None
         memory = memory_mb * 1024 * 1024 if memory_mb > 0 else None
         cpu_group, memory_group = self.cpu_root / name, self.memory_root / name
@@ -121,12 +123,12 @@ class Cgroups:
         return groups
 
     def release(self, name: str, timeout: float = 2.0) -> None:
-        """Remove the groups of instance `name`, killing what is left in them first: a process that
-        left the instance's process group (setsid) is still inside its control group."""
+        """Remove the groups called `name`, killing what is left in them first: a process that left
+        the instance's process group (setsid) is still inside its control group."""
         deadline = time.monotonic() + timeout
         for group in sorted({self.cpu_root / name, self.memory_root / name}):
-            _kill_members(group)
             while group.exists():
+                _empty(group, timeout=max(0.0, deadline - time.monotonic()))
                 try:
                     group.rmdir()
                 except FileNotFoundError:
@@ -137,25 +139,38 @@ class Cgroups:
                         break
                     time.sleep(0.02)  # a killed process leaves its group a moment after it is reaped
 
-
-    def sweep(self, prefix: str, keep: set[str]) -> None:
-        """Remove the empty groups named `prefix`... that no instance in `keep` owns (a node that died
-        between launching and stopping left them); groups with processes are left alone."""
+    def sweep(self, suffix: str, keep: set[str]) -> None:
+        """Remove the empty groups whose names end in `suffix` (one runtime's tag) and are not in
+        `keep` (a node that died between launching and stopping left them); busy ones stay."""
         for root in {self.cpu_root, self.memory_root}:
             with contextlib.suppress(OSError):
                 for group in root.iterdir():
-                    if group.is_dir() and group.name.startswith(prefix) and group.name not in keep \
+                    if group.is_dir() and group.name.endswith(suffix) and group.name not in keep \
                             and not _read(group / "cgroup.procs").split():
                         with contextlib.suppress(OSError):
                             group.rmdir()
 
 
-def _kill_members(group: Path) -> int:
-    pids = [int(pid) for pid in _read(group / "cgroup.procs").split() if pid.isdigit()]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return len(pids)
+def _empty(group: Path, timeout: float) -> int:
+    """SIGKILL every process in `group` until none is left (or `timeout`); how many there were.
+    Read and kill again: a process may fork between reading the list and the kill."""
+    deadline = time.monotonic() + timeout
+    killed: set[int] = set()
+    while True:
+        pids = [int(pid) for pid in _read(group / "cgroup.procs").split() if pid.isdigit()]
+        if not pids:
+            return len(killed)
+        if (group / "cgroup.kill").exists():  # cgroup v2 (5.14+): the kernel kills them all at once
+            with contextlib.suppress(OSError):
+                (group / "cgroup.kill").write_text("1")
+        else:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
+        if time.monotonic() >= deadline:
+            return len(killed)
+        time.sleep(0.01)
 
 
 def joining(groups: list[Path], command: list[str]) -> list[str]:

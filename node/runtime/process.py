@@ -24,6 +24,7 @@ import builtins
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -108,6 +109,9 @@ class ProcessRuntime:
         except InvalidTopic as exc:
             raise UsageError(str(exc)) from None
         self.state_dir = Path(state_dir)
+        # Control groups are machine-wide: the tag of this state directory keeps two runtimes that
+        # share cluster and node names (two clusters, parallel tests) out of each other's groups.
+        self._group_tag = "." + hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
         self._clock = clock  # wall time: records outlive the process, so monotonic time will not do
         self._boot_id = _boot_id()
         self._children: dict[str, subprocess.Popen[bytes]] = {}
@@ -133,8 +137,8 @@ class ProcessRuntime:
             raise RuntimeUnavailable(f"{self.state_dir} is in use by another process runtime "
                                      "(is another tomq node running with this state directory?)") from None
         if self.cgroups is not None:  # groups of instances that no longer have a record here
-            self.cgroups.sweep(f"tomq-{self.cluster}-{self.node}-",
-                               {entry.name for entry in os.scandir(self.state_dir) if entry.is_dir()})
+            self.cgroups.sweep(self._group_tag, {self._group(entry.name) for entry in os.scandir(self.state_dir)
+                                                 if entry.is_dir()})
 
     # ------------------------------------------------------------------ the Runtime interface
 
@@ -196,7 +200,7 @@ class ProcessRuntime:
         self._children.pop(name, None)
         self._seen.pop(name, None)
         if self.cgroups is not None:
-            self.cgroups.release(name)
+            self.cgroups.release(self._group(name))
         directory = self.state_dir / name
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
@@ -254,6 +258,9 @@ class ProcessRuntime:
         self.close()
 
     # ------------------------------------------------------------------ records
+
+    def _group(self, name: str) -> str:
+        return name + self._group_tag
 
     def _check_open(self) -> None:
         if self._lock_fd is None:
@@ -377,11 +384,9 @@ class ProcessRuntime:
         command = list(record["command"])
         limits = self.limits if record["cpu"] > 0 or record["memory_mb"] > 0 else "none asked"
         if self.cgroups is not None and limits != "none asked":
-            # Through the shell a missing program would only show as exit code 127: say it here.
-            if shutil.which(command[0], path=env.get("PATH", os.defpath)) is None:
-                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command[0])
+            _check_program(command[0], env, directory / FILES)  # the shell would only say exit 127
             try:
-                command = joining(self.cgroups.limit(name, record["cpu"], record["memory_mb"]), command)
+                command = joining(self.cgroups.limit(self._group(name), record["cpu"], record["memory_mb"]), command)
             except OSError as exc:
                 limits = f"not enforced: cannot set up its control groups: {exc.strerror or exc}"
                 log.warning("%s: cpu and memory limits %s", name, limits)
@@ -438,6 +443,19 @@ class ProcessRuntime:
     def _append_output(self, name: str, line: str) -> None:
         with contextlib.suppress(OSError), open(self.state_dir / name / OUTPUT, "a") as sink:
             sink.write(one_line(line) + "\n")
+
+
+def _check_program(program: str, env: dict[str, str], cwd: Path) -> None:
+    """Raise the OSError exec would raise for `program` (looked up as exec does: a path relative to
+    the instance's working directory, a bare name along the instance's PATH)."""
+    if "/" in program:
+        path: str | None = str(cwd / program)  # an absolute program stays as it is
+    else:
+        path = shutil.which(program, mode=os.F_OK, path=os.pathsep.join(os.get_exec_path(env)))
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
 
 
 def _tail(path: Path, lines: int) -> str:
