@@ -686,7 +686,10 @@ class LedgerService:
                           "the blocks from; start it with the shared ledger directory", self.catchup_target,
                           self.verifier.height)
             return
-        while self.certified < self.certify_target:
+        # Certified in order: before blocks beyond our head are taken from the shared directory (each
+        # certified as it comes), every block we applied ourselves must have its certificate too.
+        while self.certified < self.certify_target or (
+                self.verifier.height < self.catchup_target and self.certified < self.verifier.height):
             if not self._certify_from_shared(self.certified + 1):
                 return  # not there yet, or bad: try again next tick
         while self.verifier.height < self.catchup_target:
