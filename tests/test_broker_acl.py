@@ -726,6 +726,31 @@ def test_embedded_broker_stops_delivering_to_a_member_struck_from_the_cluster(pr
             node.close()
 
 
+def test_embedded_broker_stops_delivering_to_a_member_whose_certificate_expired(private_cluster: Path) -> None:
+    """Delivery decisions are cached, but not past a certificate's end: nothing in the policy files
+    changes when a certificate expires, only the clock."""
+    expires = int(time.time()) + 3
+    clusters.add_member(private_cluster, "s8", "sensor", valid_days=1, now=expires - 86400)
+    loaded = clusters.load(private_cluster)
+    with EmbeddedBroker(private_cluster, port=free_port()) as broker:
+        sensor = Client(broker.port, "s8", broker_password(loaded.signing_key("s8")))
+        node = Client(broker.port, "n1", broker_password(loaded.signing_key("n1")))
+        try:
+            assert not sensor.connect().is_failure and not node.connect().is_failure
+            audit = f"{ROOT}/audit/PROV-DATA"
+            assert not any(r.is_failure for r in sensor.subscribe(f"{ROOT}/audit/#"))
+            node.subscribe(f"{ROOT}/audit/#")
+            node.publish(audit, b"before")
+            assert sensor.wait_for(b"before", STEP)  # the decision for (s8, this topic) is now cached
+            time.sleep(max(0.0, expires - time.time()) + 1.5)  # past the end, and past the cache's second
+            node.publish(audit, b"after")
+            assert node.wait_for(b"after", STEP)
+            assert not sensor.wait_for(b"after", 1.0), "a member whose certificate expired still receives"
+        finally:
+            sensor.close()
+            node.close()
+
+
 def test_embedded_broker_tls_listener(private_cluster: Path) -> None:
     with EmbeddedBroker(private_cluster, port=free_port(), tls=True, tls_port=free_port()) as broker:
         assert broker.tls is not None and broker.tls_port is not None
