@@ -169,13 +169,9 @@ class LedgerService:
                 self.certified = height
             else:
                 # Uncertified (written before certificates rode in entries): certify it like a block
-                # just applied, with our own signature in the gossip.
+                # just applied.
                 self._check_and_account(height, data)
-                self.block_files[height] = block_file
-                assert self.verifier.last_certifiers is not None
-                self.certifiers[height] = self.verifier.last_certifiers
-                self.signatures.setdefault(height, {})[self.node.key.id] = commit_signature(
-                    self.node.key, block_file.block.hash)
+                self._await_certificate(block_file)
             height += 1
         log.info("ledger store holds blocks 0..%s (certified up to %s)", self.verifier.height, self.certified)
 
@@ -578,21 +574,13 @@ class LedgerService:
             if self._is_leader():
                 self.was_leader = False  # rebuild the tentative chain from what is applied
             return
-        height = block_file.block.height
         self.verifier.checked_envelopes.difference_update(block_file.block.records)
-        self.block_files[height] = block_file
-        assert self.verifier.last_certifiers is not None  # the verifier has just checked this block
-        self.certifiers[height] = self.verifier.last_certifiers
         # Not written to the store yet: until its certificate is applied the block lives in the Raft
         # log, which is never compacted past an uncertified block, so a restart re-applies it.
-        signature = commit_signature(self.node.key, block_file.block.hash)
-        self.signatures.setdefault(height, {})[self.node.key.id] = signature
-        if not self._is_leader():  # the leader counts its own signature where it made it
-            self.own_unsent.append([height, block_file.block.hash, signature])
+        self._await_certificate(block_file)
         now = time.monotonic()
-        for envelope in block_file.block.records:
-            fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
-            started = self.received_at.pop((fields["from"], fields["seq"]), None)
+        for envelope in self.verifier.last_envelopes:  # this block's, opened by the check just made
+            started = self.received_at.pop((envelope.sender, envelope.seq), None)
             if started is not None:
                 self.latencies.append(now - started)
                 if self.node.metrics is not None:
@@ -600,6 +588,18 @@ class LedgerService:
         self.committed_records += len(block_file.block.records)
         if self.node.metrics is not None:
             self.node.metrics.records_committed.inc(len(block_file.block.records))
+
+    def _await_certificate(self, block_file: BlockFile) -> None:
+        """Hold a block the verifier has just checked until its certificate comes: who may certify it,
+        and our own signature (to the leader, unless we lead: the leader counts its own where made)."""
+        height = block_file.block.height
+        self.block_files[height] = block_file
+        assert self.verifier.last_certifiers is not None
+        self.certifiers[height] = self.verifier.last_certifiers
+        signature = commit_signature(self.node.key, block_file.block.hash)
+        self.signatures.setdefault(height, {})[self.node.key.id] = signature
+        if not self._is_leader():
+            self.own_unsent.append([height, block_file.block.hash, signature])
 
     def _apply_certs(self, certs: list[Any], entry_index: int) -> None:
         for item in certs:
@@ -644,7 +644,7 @@ class LedgerService:
 
     def _certified(self, height: int) -> None:
         self.certified = height
-        del self.block_files[height]
+        self.block_files.pop(height, None)
         self.signatures.pop(height, None)
         self.certifiers.pop(height, None)
 
@@ -708,10 +708,7 @@ class LedgerService:
             self._account_seqs(block_file)
             self._notify(height, block_file)
             self._write_store(height, data)
-            self.certified = height
-            self.block_files.pop(height, None)
-            self.certifiers.pop(height, None)
-            self.signatures.pop(height, None)
+            self._certified(height)
         log.info("caught up to ledger height %s from %s", self.verifier.height, self.ledger_dir)
         backlog, self.backlog = self.backlog, []
         for entry in backlog:

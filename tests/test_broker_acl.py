@@ -22,7 +22,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -699,13 +699,13 @@ def test_embedded_broker_picks_up_a_member_added_while_it_runs(private_cluster: 
             client.close()
 
 
-def test_embedded_broker_stops_delivering_to_a_member_struck_from_the_cluster(private_cluster: Path) -> None:
-    """Every delivery is checked against the current policy, not only the SUBSCRIBE: a member taken
-    out of cluster.toml stops receiving on the subscription it already holds."""
-    clusters.add_member(private_cluster, "s9", "sensor")
-    loaded = clusters.load(private_cluster)
-    with EmbeddedBroker(private_cluster, port=free_port()) as broker:
-        sensor = Client(broker.port, "s9", broker_password(loaded.signing_key("s9")))
+def _deliveries_stop(cluster_dir: Path, member: str, cut_off: Callable[[], None], because: str) -> None:
+    """`member` (a sensor) receives on an audit subscription; after `cut_off()` it receives nothing more
+    on the subscription it still holds, while a node does. The first delivery caches the broker's
+    decision for (member, topic), so this also shows the cache does not outlive the change."""
+    loaded = clusters.load(cluster_dir)
+    with EmbeddedBroker(cluster_dir, port=free_port()) as broker:
+        sensor = Client(broker.port, member, broker_password(loaded.signing_key(member)))
         node = Client(broker.port, "n1", broker_password(loaded.signing_key("n1")))
         try:
             assert not sensor.connect().is_failure and not node.connect().is_failure
@@ -714,41 +714,38 @@ def test_embedded_broker_stops_delivering_to_a_member_struck_from_the_cluster(pr
             node.subscribe(f"{ROOT}/audit/#")
             node.publish(audit, b"before")
             assert sensor.wait_for(b"before", STEP)
-            toml = private_cluster / "cluster.toml"
-            toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
-                                    if 'name = "s9"' not in line))
-            time.sleep(1.0)  # the broker looks at its files at most twice a second on this path
+            cut_off()
             node.publish(audit, b"after")
             assert node.wait_for(b"after", STEP)
-            assert not sensor.wait_for(b"after", 1.0), "a member struck from cluster.toml still receives"
+            assert not sensor.wait_for(b"after", 1.0), f"a member {because} still receives"
         finally:
             sensor.close()
             node.close()
+
+
+def test_embedded_broker_stops_delivering_to_a_member_struck_from_the_cluster(private_cluster: Path) -> None:
+    """Every delivery is checked against the current policy, not only the SUBSCRIBE: a member taken
+    out of cluster.toml stops receiving on the subscription it already holds."""
+    clusters.add_member(private_cluster, "s9", "sensor")
+    toml = private_cluster / "cluster.toml"
+
+    def strike() -> None:
+        toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
+                                if 'name = "s9"' not in line))
+        time.sleep(1.0)  # the broker looks at its files at most twice a second on this path
+
+    _deliveries_stop(private_cluster, "s9", strike, "struck from cluster.toml")
 
 
 def test_embedded_broker_stops_delivering_to_a_member_whose_certificate_expired(private_cluster: Path) -> None:
-    """Delivery decisions are cached, but not past a certificate's end: nothing in the policy files
-    changes when a certificate expires, only the clock."""
+    """Nothing in the policy files changes when a certificate expires, only the clock."""
     expires = int(time.time()) + 3
     clusters.add_member(private_cluster, "s8", "sensor", valid_days=1, now=expires - 86400)
-    loaded = clusters.load(private_cluster)
-    with EmbeddedBroker(private_cluster, port=free_port()) as broker:
-        sensor = Client(broker.port, "s8", broker_password(loaded.signing_key("s8")))
-        node = Client(broker.port, "n1", broker_password(loaded.signing_key("n1")))
-        try:
-            assert not sensor.connect().is_failure and not node.connect().is_failure
-            audit = f"{ROOT}/audit/PROV-DATA"
-            assert not any(r.is_failure for r in sensor.subscribe(f"{ROOT}/audit/#"))
-            node.subscribe(f"{ROOT}/audit/#")
-            node.publish(audit, b"before")
-            assert sensor.wait_for(b"before", STEP)  # the decision for (s8, this topic) is now cached
-            time.sleep(max(0.0, expires - time.time()) + 1.5)  # past the end, and past the cache's second
-            node.publish(audit, b"after")
-            assert node.wait_for(b"after", STEP)
-            assert not sensor.wait_for(b"after", 1.0), "a member whose certificate expired still receives"
-        finally:
-            sensor.close()
-            node.close()
+
+    def expire() -> None:
+        time.sleep(max(0.0, expires - time.time()) + 1.5)  # past the end, and past the cache's second
+
+    _deliveries_stop(private_cluster, "s8", expire, "whose certificate expired")
 
 
 def test_embedded_broker_tls_listener(private_cluster: Path) -> None:

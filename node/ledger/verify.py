@@ -233,7 +233,6 @@ class ChainVerifier:
         self.last_records: list[tuple[Record, str]] = []
         self.last_envelopes: list[Envelope] = []  # the same records' envelopes, opened
         self.last_certifiers: Certifiers | None = None  # who may certify the block `add` last checked
-        self._opened: list[Envelope] = []
 
     def add(self, height: int, data: bytes, *, require_certificate: bool = True) -> BlockFile:
         """Check the block file `data` found at `height`; return it decoded, or raise LedgerInvalid.
@@ -329,11 +328,12 @@ class ChainVerifier:
         counts: Counter[str] = Counter()
         changed_identities: list[Identity] = []
         applied: list[tuple[Record, str]] = []
-        self._opened = []
+        opened: list[Envelope] = []
         for index, envelope_bytes in enumerate(block.records):
-            state = self._apply_record(height, index, envelope_bytes, now, state, counts, changed_identities, applied)
+            state = self._apply_record(height, index, envelope_bytes, now, state, counts, changed_identities, applied,
+                                       opened)
         self.last_records = applied  # what the block's records said and who signed each: for the caller
-        self.last_envelopes = self._opened
+        self.last_envelopes = opened
         self.last_certifiers = certifiers
         if any(identity.kind == "node" for identity in changed_identities):
             self._nodes_cache = None
@@ -364,7 +364,7 @@ class ChainVerifier:
 
     def _apply_record(self, height: int, index: int, envelope_bytes: bytes, now: float, state: PatternState,
                       counts: Counter[str], changed_identities: list[Identity],
-                      applied: list[tuple[Record, str]]) -> PatternState:
+                      applied: list[tuple[Record, str]], opened: list[Envelope]) -> PatternState:
         def fail(reason: str) -> LedgerInvalid:
             return LedgerInvalid(height, f"record {index}: {reason}")
 
@@ -397,7 +397,7 @@ class ChainVerifier:
         if isinstance(record.structure, Identity):
             changed_identities.append(record.structure)
         applied.append((record, sender.name))
-        self._opened.append(envelope)
+        opened.append(envelope)
         return state
 
     def _identity_proof(self, identity: Identity, now: float, fail: Callable[[str], LedgerInvalid]) -> bytes | None:
