@@ -10,6 +10,7 @@ from typing import Any
 from procs import BROKERS, PYTHON, NodeProcess, leader_from_logs
 from tomq import cluster, records
 from tomq.node.cli import Proposer, write_genesis
+from tomq.node.ledger.block import decode_block_file
 from tomq.records import DATA, ID_CREATE, Identity, Provenance, Record
 
 TOMQ = [PYTHON, "-m", "tomq"]
@@ -90,4 +91,11 @@ def block_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.block"))}
 
 
-__all__ = ["LedgerCluster", "block_files", "join_with_certificate", "reading", "records"]
+def readings_in(files: dict[str, bytes]) -> int:
+    """PROV-DATA records in these block files. A record's audit line leaves at commit, its block file
+    a tick or two later (certified): wait on this, not on the files agreeing at some moment."""
+    return sum(1 for data in files.values() for envelope in decode_block_file(data).block.records
+               if b"PROV-DATA" in envelope)
+
+
+__all__ = ["LedgerCluster", "block_files", "join_with_certificate", "reading", "readings_in", "records"]

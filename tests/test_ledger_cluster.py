@@ -6,12 +6,11 @@ import subprocess
 import time
 
 import pytest
-from ledger_cluster import LedgerCluster, block_files, join_with_certificate, reading
+from ledger_cluster import LedgerCluster, block_files, join_with_certificate, reading, readings_in
 
 from conftest import require
 from procs import PYTHON, which
 from tomq.mqtt import wait_until
-from tomq.node.ledger.block import decode_block_file
 
 
 @pytest.fixture(params=[("amqtt", 3, "stable"), ("amqtt", 5, "stable"), ("mosquitto", 3, "stable"),
@@ -50,10 +49,6 @@ def test_a_thousand_records_identical_everywhere_and_verified(ledger_cluster):
     shared = ledger_cluster.ledger_dir
     # Blocks are certified shortly after they commit; wait until every copy holds the certified bytes of
     # every block, the last one included (the proposer saw it commit, maybe before it was certified).
-    def readings_in(files: dict[str, bytes]) -> int:
-        return sum(1 for data in files.values() for envelope in decode_block_file(data).block.records
-                   if b"PROV-DATA" in envelope)
-
     assert wait_until(lambda: readings_in(block_files(shared)) >= 1000 and all(
         block_files(ledger_cluster.store(n)) == block_files(shared) for n in ledger_cluster.names), 30, 0.2), \
         ledger_cluster.logs()

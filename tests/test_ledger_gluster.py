@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from gluster import GlusterVolume, availability, gluster_processes, mounted
-from ledger_cluster import LedgerCluster, block_files, join_with_certificate, reading
+from ledger_cluster import LedgerCluster, block_files, join_with_certificate, reading, readings_in
 
 from conftest import require
 from procs import PYTHON, which
@@ -78,9 +78,12 @@ def test_replica3_volume_loses_a_brick_and_no_block(gluster_volume, tmp_path):
             proposer.close()
         committed = time.monotonic() - started
 
-        assert wait_until(lambda: all(block_files(ledger.store(n)).keys() <= block_files(mount).keys()
-                                      and len(block_files(ledger.store(n))) == len(block_files(mount))
-                                      for n in ledger.names), 20, 0.2), ledger.logs()
+        # Every reading's block certified and on the mount (commit comes a tick or two before), and
+        # every store as far as the mount.
+        assert wait_until(lambda: readings_in(block_files(mount)) >= ROUNDS * PER_ROUND
+                          and all(block_files(ledger.store(n)).keys() <= block_files(mount).keys()
+                                  and len(block_files(ledger.store(n))) == len(block_files(mount))
+                                  for n in ledger.names), 30, 0.2), ledger.logs()
         reference = block_files(mount)
         heights = sorted(int(name.split(".")[0]) for name in reference)
         assert heights == list(range(len(heights))), "a height is missing from the mount"
