@@ -4,8 +4,9 @@
 
 Measures, interleaved so drift hits all four alike: envelopes sealed per second, envelopes opened
 per second (signature check, canonical decoding and every other check of EnvelopeOpener.open), and
-raw `cryptography` Ed25519 sign and verify per second over a message of the same size as an
-envelope's signing input. Each is repeated and the median reported. A benchmark, never a test.
+raw Ed25519 sign and verify per second over a message of the same size as an envelope's signing
+input: with libsodium, which tomq uses (tomq/identity.py), and with OpenSSL (`cryptography`) beside
+it. Each is repeated and the median reported. A benchmark, never a test.
 """
 
 from __future__ import annotations
@@ -68,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     envelopes = [wire.seal(sender, seq=seq, time_ms=time_ms + seq, type="reading", body=body) for seq in range(1, n + 1)]
     signed, _signature = canonical.decode(envelopes[0])
     message = b"tomq/envelope/v1\x00" + signed  # the same size as an envelope's signing input
-    raw_key = Ed25519PrivateKey.generate()
-    raw_public = raw_key.public_key()
+    raw_key = SigningKey.generate()
     raw_signature = raw_key.sign(message)
+    openssl_key = Ed25519PrivateKey.generate()
+    openssl_public = openssl_key.public_key()
+    openssl_signature = openssl_key.sign(message)
 
     def seal_all() -> None:
         for seq in range(1, n + 1):
@@ -82,9 +85,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def raw_verify_all() -> None:
         for _ in range(n):
-            raw_public.verify(raw_signature, message)
+            raw_key.public_key.verify(raw_signature, message)
 
-    results: dict[str, list[float]] = {"seal": [], "open": [], "sign": [], "verify": []}
+    def openssl_sign_all() -> None:
+        for _ in range(n):
+            openssl_key.sign(message)
+
+    def openssl_verify_all() -> None:
+        for _ in range(n):
+            openssl_public.verify(openssl_signature, message)
+
+    results: dict[str, list[float]] = {"seal": [], "open": [], "sign": [], "verify": [], "openssl sign": [],
+                                       "openssl verify": []}
     for _ in range(repeats):
         opener = wire.EnvelopeOpener(trust)
 
@@ -96,16 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         results["sign"].append(_rate(n, raw_sign_all))
         results["open"].append(_rate(n, open_all))
         results["verify"].append(_rate(n, raw_verify_all))
+        results["openssl sign"].append(_rate(n, openssl_sign_all))
+        results["openssl verify"].append(_rate(n, openssl_verify_all))
 
     median = {kind: statistics.median(rates) for kind, rates in results.items()}
     print(f"tomq wire bench: {n} operations x {repeats} repeats, envelope {len(envelopes[0])} bytes, "
           f"signed message {len(message)} bytes, Python {sys.version.split()[0]}")
     seal_ratio = median["seal"] / median["sign"]
     open_ratio = median["open"] / median["verify"]
-    print(f"raw ed25519 sign:   {median['sign']:.0f}/s  seal (encode+sign):   {median['seal']:.0f}/s  "
+    print(f"raw ed25519 sign (libsodium):   {median['sign']:.0f}/s  seal (encode+sign):   {median['seal']:.0f}/s  "
           f"ratio {seal_ratio:.2f}")
-    print(f"raw ed25519 verify: {median['verify']:.0f}/s  open (verify+decode): {median['open']:.0f}/s  "
+    print(f"raw ed25519 verify (libsodium): {median['verify']:.0f}/s  open (verify+decode): {median['open']:.0f}/s  "
           f"ratio {open_ratio:.2f} (target >= {OPEN_TARGET})")
+    print(f"OpenSSL for comparison: sign {median['openssl sign']:.0f}/s, verify {median['openssl verify']:.0f}/s; "
+          f"libsodium/OpenSSL verify {median['verify'] / median['openssl verify']:.2f}x")
     spread = {kind: (min(rates), max(rates)) for kind, rates in results.items()}
     print("spread (min..max /s): " + "  ".join(f"{kind} {lo:.0f}..{hi:.0f}" for kind, (lo, hi) in spread.items()))
     return 0

@@ -85,3 +85,52 @@ def test_derived_secret_depends_on_key_and_purpose():
     assert a.derive_secret(b"x") == a.derive_secret(b"x")
     assert a.derive_secret(b"x") != a.derive_secret(b"y")
     assert a.derive_secret(b"x") != b.derive_secret(b"x")
+
+
+def _openssl_verifies(public: bytes, signature: bytes, message: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def test_libsodium_signs_the_bytes_openssl_signs_and_both_accept_them():
+    # tomq signs and verifies with libsodium; auditors' tools (tests/history_checker.py) use OpenSSL.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    for i in range(20):
+        seed = bytes([i]) * 32
+        ours = SigningKey.from_seed(seed)
+        theirs = Ed25519PrivateKey.from_private_bytes(seed)
+        message = os.urandom(i * 37)
+        signature = ours.sign(message)
+        assert signature == theirs.sign(message)
+        assert _openssl_verifies(ours.public_key.raw, signature, message)
+        assert ours.public_key.verify(theirs.sign(message), message)
+
+
+def test_libsodium_refuses_mangled_signatures_and_what_openssl_wrongly_takes():
+    # Every third single-bit change of a signature, and a signature with S + L (the same point, a
+    # non-canonical scalar): refused.
+    signer = key("strict")
+    message = b"the reading"
+    signature = signer.sign(message)
+    order = 2**252 + 27742317777372353535851937790883648493
+    s = int.from_bytes(signature[32:], "little")
+    candidates = [signature[:32] + (s + order).to_bytes(32, "little")]
+    for bit in range(0, 512, 3):
+        mangled = bytearray(signature)
+        mangled[bit // 8] ^= 1 << (bit % 8)
+        candidates.append(bytes(mangled))
+    for candidate in candidates:
+        assert not signer.public_key.verify(candidate, message)
+    # The identity point as public key, R = identity, S = 0 "signs" every message: OpenSSL takes it,
+    # libsodium refuses small-order keys. So switching to libsodium narrowed what verifies.
+    identity_point = (1).to_bytes(32, "little")
+    forged = identity_point + bytes(32)
+    assert _openssl_verifies(identity_point, forged, b"anything")
+    assert not PublicKey(identity_point).verify(forged, b"anything")
