@@ -149,8 +149,12 @@ class Orchestrator:
         """Listener of the ledger: fold committed records into the state (every node, in order)."""
         now = time.time()
         version = self.state.version
+        # A record's id costs an encoding and a hash: only worth it while we wait for records of ours.
+        awaited = bool(self.outstanding.by_id or self.plan_in_flight or self.open_timings)
         for item in applied:
             self.state.apply(item)
+            if not awaited:
+                continue
             record_id = item.record.record_id
             self.outstanding.settle(record_id)
             self.plan_in_flight.discard(record_id)

@@ -30,6 +30,8 @@ from tomq.node.orchestrator.placement import Assignment, PlacementTable
 from tomq.node.orchestrator.spec import ServiceSpec, spec_from_map
 from tomq.records import ID_CREATE, ID_DELETE, ORCH, Identity, Orchestrate, Record
 
+_ORCHESTRATION_STATES = frozenset({ID_CREATE, ID_DELETE, ORCH})  # the only records that change this state
+
 log = logging.getLogger("tomq.orchestrator")
 
 
@@ -93,6 +95,8 @@ class OrchestrationState:
     def apply(self, applied: AppliedRecord) -> None:
         record, height = applied.record, applied.height
         self.height = max(self.height, height)
+        if record.state not in _ORCHESTRATION_STATES:
+            return  # readings and the like: most of what a busy ledger carries
         structure = record.structure
         if (isinstance(structure, Identity) and structure.kind in ("service", "container")) or \
                 isinstance(structure, Orchestrate):
