@@ -451,7 +451,7 @@ class LedgerService:
             self.refusals.refuse(member, type(exc).__name__, str(exc), strike=False)
             return
         self.tentative_seqs[envelope.sender] = envelope.seq
-        self.verifier.checked_envelopes.add(payload)  # verified once, here; not again when applied
+        self.verifier.checked_envelopes[payload] = envelope  # opened once, here; not again when applied
         self.pending.append(_Pending(payload, envelope.sender, envelope.seq, time.monotonic()))
         self.pending_ids.add(key)
         if len(self.pending) >= self.max_batch:
@@ -527,7 +527,7 @@ class LedgerService:
         majority holds them) go out before the listeners (orchestrator, actuation) act on it.
         """
         block_file = self.verifier.add(height, data, require_certificate=False)
-        self._account_seqs(block_file)
+        self._account_seqs()
         if committed and self._is_leader():
             self._publish_audit(height, block_file)
         self._notify(height, block_file)
@@ -551,10 +551,11 @@ class LedgerService:
         for listener in self.listeners:
             listener(applied)
 
-    def _account_seqs(self, block_file: BlockFile) -> None:
-        for envelope in block_file.block.records:
-            fields = canonical.decode(canonical.decode(envelope)[0], check_canonical=False)
-            self.seqs[fields["from"]] = max(self.seqs.get(fields["from"], 0), fields["seq"])
+    def _account_seqs(self) -> None:
+        """Learn the proposers' sequence numbers from the block the verifier has just checked (it opened
+        the envelopes already: decoding them again here was a fifth of a follower's CPU under load)."""
+        for envelope in self.verifier.last_envelopes:
+            self.seqs[envelope.sender] = max(self.seqs.get(envelope.sender, 0), envelope.seq)
 
     def _apply_block(self, entry: Entry, data: bytes) -> None:
         self.apply_started = time.monotonic()  # listeners time how long checking a block takes
@@ -574,7 +575,8 @@ class LedgerService:
             if self._is_leader():
                 self.was_leader = False  # rebuild the tentative chain from what is applied
             return
-        self.verifier.checked_envelopes.difference_update(block_file.block.records)
+        for envelope_bytes in block_file.block.records:
+            self.verifier.checked_envelopes.pop(envelope_bytes, None)
         # Not written to the store yet: until its certificate is applied the block lives in the Raft
         # log, which is never compacted past an uncertified block, so a restart re-applies it.
         self._await_certificate(block_file)
@@ -705,7 +707,7 @@ class LedgerService:
                 self.verifier = self.verifier.reset_failure()
                 log.error("cannot catch up from the shared directory: %s", exc)
                 return
-            self._account_seqs(block_file)
+            self._account_seqs()
             self._notify(height, block_file)
             self._write_store(height, data)
             self._certified(height)

@@ -260,3 +260,30 @@ def test_seal_refuses_bad_arguments():
         seal(SENSOR, seq=0, time_ms=0, type="reading", body=None)
     with pytest.raises(ValueError):
         seal(SENSOR, seq=1, time_ms=0, type="nope", body=None)
+
+
+def test_reopening_bytes_already_opened_still_runs_every_check_that_depends_on_the_opener_or_time():
+    # The ledger leader opens a proposal on arrival and again when its block is applied; the second
+    # time reuses the decoding and signature, nothing else.
+    data = reading(seq=5)
+    first = opener().open(data, NOW)
+    later = opener()
+    assert later.open(data, NOW, opened=first) is first
+    with pytest.raises(ReplayedEnvelope):
+        later.open(data, NOW, opened=first)
+    with pytest.raises(CertificateExpired):
+        opener().open(data, NOW + 10 * 365 * 86400, opened=first)
+    with pytest.raises(BodyTooLarge):
+        opener(max_bytes=len(data) - 1).open(data, NOW, opened=first)
+    with pytest.raises(UnknownEnvelopeType):
+        opener(accepted_types=frozenset({"record"})).open(data, NOW, opened=first)
+    with pytest.raises(UnknownSender):
+        EnvelopeOpener(trust_with((OTHER, "s2"))).open(data, NOW, opened=first)
+
+
+def test_an_opened_envelope_of_other_bytes_is_no_shortcut():
+    good = reading(seq=6)
+    forged = bytearray(reading(seq=7))
+    forged[-1] ^= 1  # a signature that does not verify
+    with pytest.raises(BadSignature):
+        opener().open(bytes(forged), NOW, opened=opener().open(good, NOW))

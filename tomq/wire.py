@@ -245,12 +245,19 @@ class EnvelopeOpener:
         self.max_bytes = max_bytes
         self.accepted_types = accepted_types
 
-    def open(self, data: bytes, now: float, *, signature_checked: bool = False) -> Envelope:
+    def open(self, data: bytes, now: float, *, opened: Envelope | None = None) -> Envelope:
         """Return the envelope in `data` if it passes every check at receiver time `now` (unix seconds).
 
-        `signature_checked=True` skips only the signature check, for bytes this process has already
-        opened successfully (the ledger leader re-checks its own batches); every other check runs.
+        `opened`: these same bytes as this process opened them before (the ledger leader opens each
+        proposal on arrival and again when its block is applied). Their decoding and signature stand;
+        every check that depends on this opener or on `now` runs again.
         """
+        if opened is not None and opened.wire == data:
+            if len(data) > self.max_bytes:
+                raise BodyTooLarge(f"envelope of {len(data)} bytes exceeds the limit of {self.max_bytes}")
+            if opened.type not in self.accepted_types:
+                raise UnknownEnvelopeType(f"envelope type {opened.type[:40]!r} is not accepted here", opened.sender)
+            return self._admit(opened, now)
         data, signed, signature, fields = _unpack(data, self.max_bytes, self.accepted_types)
         sender = fields["from"]
         certificate = self.trust.by_id(sender)
@@ -258,8 +265,17 @@ class EnvelopeOpener:
             raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
         if len(signature) != SIGNATURE_BYTES:
             raise BadSignature(f"envelope from {sender} has no valid signature ({len(signature)} bytes)", sender)
-        if not signature_checked and not certificate.subject.verify(signature, signing_input(_DOMAIN, signed)):
+        if not certificate.subject.verify(signature, signing_input(_DOMAIN, signed)):
             raise BadSignature(f"signature of envelope {fields['seq']} from {sender} does not verify", sender)
+        return self._admit(Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature,
+                                    data), now)
+
+    def _admit(self, envelope: Envelope, now: float) -> Envelope:
+        """The checks of a well-signed envelope that depend on when and where it is opened."""
+        sender = envelope.sender
+        certificate = self.trust.by_id(sender)
+        if certificate is None:
+            raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
         if not certificate.is_valid_at(now):
             raise CertificateExpired(
                 f"certificate of {certificate.name} ({sender}) is valid only in "
@@ -267,13 +283,13 @@ class EnvelopeOpener:
                 sender,
             )
         high_water = self.watermarks.get(sender)
-        if fields["seq"] <= high_water:
+        if envelope.seq <= high_water:
             raise ReplayedEnvelope(
-                f"envelope {fields['seq']} from {certificate.name} ({sender}) is not above its high-water mark {high_water}",
+                f"envelope {envelope.seq} from {certificate.name} ({sender}) is not above its high-water mark {high_water}",
                 sender,
             )
-        self.watermarks.advance(sender, fields["seq"])
-        return Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature, data)
+        self.watermarks.advance(sender, envelope.seq)
+        return envelope
 
 
 def open_signed_by(data: bytes, key: PublicKey, *, name: str, accepted_types: frozenset[str],

@@ -224,9 +224,9 @@ class ChainVerifier:
         self.watermarks = _StagedWatermarks()
         self.opener = EnvelopeOpener(self.trust, self.watermarks, max_bytes=MAX_RECORD_BYTES,
                                      accepted_types=frozenset({"record"}))
-        # Envelopes whose signature the caller already verified (a ledger leader, at proposal time).
-        # Offline verification leaves this empty and checks every signature.
-        self.checked_envelopes: set[bytes] = set()
+        # Envelopes the caller already opened, by their bytes (a ledger leader, at proposal time): their
+        # decoding and signature are not checked again. Offline verification leaves this empty.
+        self.checked_envelopes: dict[bytes, Envelope] = {}
         self._trust_checkpoint: tuple[dict[str, Certificate], dict[str, Certificate], str] | None = None
         self._nodes_cache: tuple[str, ...] | None = None
         # The records of the block the last successful `add` checked, with their signers' names.
@@ -369,7 +369,7 @@ class ChainVerifier:
             return LedgerInvalid(height, f"record {index}: {reason}")
 
         try:
-            envelope = self.opener.open(envelope_bytes, now, signature_checked=envelope_bytes in self.checked_envelopes)
+            envelope = self.opener.open(envelope_bytes, now, opened=self.checked_envelopes.get(envelope_bytes))
         except EnvelopeRejected as exc:
             raise fail(str(exc)) from None
         sender = self.trust.by_id(envelope.sender)
