@@ -440,7 +440,14 @@ def tomq_failover(running: TomqCluster, client: Client) -> float:
     assert failover is not None
     # Bring the killed node back and let it catch up before the next run.
     running.start_node(leader)
-    new_leader = running.leader()
+    leaders: list[str | None] = [None]
+
+    def leader_known() -> bool:  # a busy node may answer its metrics late: look again, do not fail at once
+        leaders[0] = running.leader()
+        return leaders[0] is not None
+
+    wait_until(leader_known, 10, "a leader after restarting the old one")
+    new_leader = leaders[0]
     assert new_leader is not None
 
     def caught_up() -> bool:
