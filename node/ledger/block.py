@@ -76,10 +76,16 @@ class Block:
     records: tuple[bytes, ...]
     records_root: bytes
     record_count: int
+    # The hash, once computed: a node asks for it about eight times per block (signing, certificates,
+    # audit lines, the store), each an encoding of the header. Blocks are immutable.
+    _hash: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def hash(self) -> bytes:
-        return block_hash(self)
+        if self._hash is None:
+            object.__setattr__(self, "_hash", block_hash(self))
+        assert self._hash is not None
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +150,7 @@ def block_hash(block: Block) -> bytes:
 
 def sign_block(key: SigningKey, block: Block) -> bytes:
     """The proposer's signature over the block hash."""
-    return key.sign(signing_input(BLOCK_DOMAIN, block_hash(block)))
+    return key.sign(signing_input(BLOCK_DOMAIN, block.hash))
 
 
 def verify_block_signature(public_key: PublicKey, hash: bytes, signature: bytes) -> bool:
