@@ -58,6 +58,9 @@ class NodeApplier:
         self.orchestrator.after_input()  # cuts the block of what it proposed itself
         self._hold(node)
 
+    def has_work(self) -> bool:
+        return self.orchestrator.has_work()
+
     def _hold(self, node: NodeDaemon) -> None:
         # On-demand mode: a leader that paused now would leave committed work unfinished (a block
         # without its certificate, a registered service without its placement).

@@ -61,6 +61,8 @@ class Applier(Protocol):
 
     def after_input(self, node: NodeDaemon) -> None: ...
 
+    def has_work(self) -> bool: ...  # after_input has something to do that needs no new input
+
     def extras_for_peers(self, peers: list[str], sending: set[str]) -> dict[str, dict[str, Any]]:
         """peer -> extras for the Raft batches going out now (`sending`: peers that get messages anyway)."""
 
@@ -197,7 +199,10 @@ class NodeDaemon:
             while not self.stopping.is_set():
                 # Wait for the broker (or call()/stop()) until the next tick is due; the callbacks run
                 # in here, on this thread, and queue what arrived.
-                self.link.pump(0.0 if self.inbox else max(0.0, next_tick - time.monotonic()))
+                # What was just applied may leave work for after_input (committed placements to publish):
+                # it goes now, not when the next message or tick happens to come.
+                busy = self.inbox or self.applier.has_work()
+                self.link.pump(0.0 if busy else max(0.0, next_tick - time.monotonic()))
                 # Drain what is waiting before handling Ready: one fsync for the whole batch.
                 for _ in range(1001):
                     try:

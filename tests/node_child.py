@@ -45,6 +45,9 @@ class AppendToFile:
     def after_input(self, node: NodeDaemon) -> None:
         pass
 
+    def has_work(self) -> bool:
+        return False
+
     def extras_for_peers(self, peers: list[str], sending: set[str]) -> dict[str, dict[str, Any]]:
         return {}
 

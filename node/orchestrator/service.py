@@ -191,6 +191,10 @@ class Orchestrator:
                 and self.node.raft.leader is None and self.node.raft.role is not Role.LEADER):
             ledger.wants_leader = True  # the paper: the node that receives a request stands for election
 
+    def has_work(self) -> bool:
+        """Whether after_input would act now: committed changes to reconcile and, leading, to publish."""
+        return self.dirty and self.ledger is not None
+
     def has_leader_work(self) -> bool:
         """Whether a leader must stay: requests not carried out, records on their way, replicas unplaced."""
         if self.requests or self.plan_in_flight or self.outstanding.by_id:
