@@ -58,7 +58,7 @@ from tomq.node.ledger.block_writer import BlockWriter
 from tomq.node.ledger.verify import Certifiers, ChainVerifier, LedgerInvalid, certificate_problem
 from tomq.node.orchestrator.state import AppliedRecord
 from tomq.node.raft.core import Role
-from tomq.node.raft.types import Entry
+from tomq.node.raft.types import Entry, EntryKind
 from tomq.wire import EnvelopeOpener
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tomq.ledger")
 
+STAND_TICKS = 2  # on-demand: how many ticks each node waits for the one before it to stand (see _maybe_stand)
 RECENT_SECONDS = 2.0  # how long every node remembers proposals, for the next leader to batch
 MAX_BLOCKS_IN_FLIGHT = 2  # proposed but not yet applied
 
@@ -140,6 +141,8 @@ class LedgerService:
         self.compactable = 0  # highest Raft index up to which every block is certified
         self.recent: deque[tuple[float, str, bytes]] = deque()  # (received, member, envelope)
         self.wants_leader = False
+        self.standing_ticks = 0  # ticks since this node wanted a leader and none appeared
+        self.standing_turn: int | None = None  # its turn to stand, fixed when it began to want one
         # (Raft index, certified height) of certificate entries applied: the log may be compacted to
         # such an index once the writer has that height durably in the store.
         self.compact_candidates: deque[tuple[int, int]] = deque()
@@ -270,19 +273,39 @@ class LedgerService:
         self._maybe_propose_certificates()
         if self.catchup_target > self.verifier.height or self.certify_target > self.certified:
             self._catch_up()
-        if self.wants_leader:
-            # On-demand: no leader while idle; a node that holds proposals stands for election, after a
-            # random tick or two so that not every node (they all got the proposal) stands at once.
-            if self.node.raft.leader is not None or self._is_leader():
-                self.wants_leader = False
-            elif self.node.raft.rng.random() < 0.3:
-                self.wants_leader = False
-                self.node.raft.campaign()
+        self._maybe_stand(ticked=True)
         self._follow_leadership()
 
     def after_input(self, node: NodeDaemon) -> None:
+        self._maybe_stand(ticked=False)
         self._follow_leadership()
         self.cut_block()
+
+    def _maybe_stand(self, *, ticked: bool) -> None:
+        """On-demand: no leader while idle; a node that holds work (a request, a proposal) stands for
+        election. Every node got the same request, so they take turns rather than all standing at once
+        (split votes) or each at a random tick (that wait was most of an on-demand placement): in the
+        order of the voters rotated by the term, which every node that saw the last election agrees
+        on, the first stands at once, the k-th only after STAND_TICKS * k ticks without a leader (the
+        ones before it may be down). The turn is fixed when the wish begins: the first one's campaign
+        raises everyone's term. A node that missed the last term may stand out of turn: Raft's
+        election timeout settles that split vote."""
+        raft = self.node.raft
+        if self.wants_leader and (raft.leader is not None or self._is_leader()):
+            self.wants_leader = False
+        if not self.wants_leader:
+            self.standing_ticks, self.standing_turn = 0, None
+            return
+        if self.standing_turn is None:
+            voters = sorted(raft.voters)
+            self.standing_turn = ((voters.index(self.node.name) - raft.term) % len(voters)
+                                  if self.node.name in voters else len(voters))
+        if ticked:
+            self.standing_ticks += 1
+        if self.standing_ticks >= STAND_TICKS * self.standing_turn:
+            self.wants_leader = False
+            self.standing_ticks, self.standing_turn = 0, None
+            raft.campaign()
 
     def extras_for_peers(self, peers: list[str], sending: set[str]) -> dict[str, dict[str, Any]]:
         """What rides with this node's Raft batches, per peer.
@@ -372,12 +395,23 @@ class LedgerService:
     def _is_leader(self) -> bool:
         return self.node.raft.role is Role.LEADER
 
+    def _last_unapplied_ledger_entry(self) -> int:
+        """The index of the last entry in our log that the ledger must apply first (the applied index if none)."""
+        log_ = self.node.raft.log
+        last = log_.applied
+        for entry in log_.slice(log_.applied + 1, log_.last_index() + 1):
+            if entry.kind in (EntryKind.NORMAL, EntryKind.DECISION):
+                last = entry.index
+        return last
+
     def _follow_leadership(self) -> None:
         leader = self._is_leader()
         if leader and not self.was_leader:
             # Blocks from an earlier leader may still sit in the log after our no-op. Build on them only
-            # once they are applied; otherwise our first block would name the wrong predecessor.
-            self.ready_at = self.node.raft.log.last_index()
+            # once they are applied; otherwise our first block would name the wrong predecessor. With
+            # none there (an on-demand leader after a pause, usually) we build at once: our first block
+            # then commits with the no-op instead of one replication round after it.
+            self.ready_at = self._last_unapplied_ledger_entry()
             self.tentative_state = None
             self.cert_in_flight = self.certified
         elif not leader and self.was_leader:

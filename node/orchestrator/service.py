@@ -378,7 +378,9 @@ class Orchestrator:
                                  received, sent_ms, planning=planning, chosen=now,
                                  log_write_s=self.node.last_persist_seconds)
         # The election this placement waited for, if one happened since the request (on-demand mode).
-        for at, event in self.node.events[-50:]:
+        # A leader may plan in the same turn it was elected, before that Ready stamped its events.
+        unstamped = [(now, event) for event in self.node.raft.pending_events()]
+        for at, event in [*self.node.events[-50:], *unstamped]:
             if at < received - 0.001:
                 continue
             if event.phase == "campaign" and timing.campaign is None:

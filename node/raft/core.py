@@ -391,6 +391,11 @@ class RaftNode:
 
     # ---------------------------------------------------------------- outputs
 
+    def pending_events(self) -> list[PhaseEvent]:
+        """The phase events the next `ready()` will carry, for a caller that acts before handling it
+        (a leader that plans in the same turn it was elected)."""
+        return list(self._events)
+
     def has_ready(self) -> bool:
         return bool(self._msgs or self._read_states or self._events or self._snapshot_to_save
                     or self.log.unstable_entries() or self.log.to_apply() or self._hard_state_changed())
