@@ -31,7 +31,7 @@ class NodeApplier:
 
     def subscriptions(self) -> list[str]:
         """What the node must subscribe to for these parts, beyond Raft and the ledger."""
-        return [self.request_topic, *self.presence.subscriptions()]
+        return [self.request_topic, self.orchestrator.placement_prefix + "+", *self.presence.subscriptions()]
 
     def apply(self, entry: Entry) -> None:
         self.ledger.apply(entry)
@@ -76,6 +76,8 @@ class NodeApplier:
     def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.request_topic:
             self.orchestrator.on_request(payload)
+        elif topic.startswith(self.orchestrator.placement_prefix):
+            self.orchestrator.on_placement(topic, payload)
         elif self.presence.handles(topic):
             self.presence.on_message(topic, payload)
         else:

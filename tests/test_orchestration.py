@@ -426,8 +426,20 @@ def test_on_demand_each_request_elects_a_leader_that_places_it_then_pauses(tmp_p
     running = OrchestratedCluster(tmp_path, "process", None, mode="on-demand")
     running.start()
     running.proposer().close()  # points cluster.toml at the test broker
+    published: list[str] = []  # services of the placement documents the leaders published
+
+    def on_placement(topic: str, payload: bytes, retained: bool) -> None:
+        if not retained and payload:
+            published.append(json.loads(payload)["service"])
+
+    watcher = MqttLink(host="127.0.0.1", port=running.broker.port, username="n1",
+                       password=cluster.broker_password(running.cluster.signing_key("n1")), on_message=on_placement)
+    watcher.subscribe(f"{running.cluster.topics.root}/orch/placement/+")
+    watcher.start()
     try:
         for name in ("first", "second"):
+            # Each request finds the cluster paused, so each is placed by a leader elected for it.
+            assert wait_until(lambda: running.status()["leader"] is None, 15, 0.5), running.logs()
             spec = write_spec(tmp_path / f"{name}.toml", name)
             result = running.tomq("deploy", str(running.directory), str(spec), "--wait", "30")
             assert result.returncode == 0, result.stdout + result.stderr + running.logs()
@@ -440,12 +452,46 @@ def test_on_demand_each_request_elects_a_leader_that_places_it_then_pauses(tmp_p
 
         assert wait_until(lambda: len(timings()) == 2, 10, 0.5), timings()
         assert all(t["mode"] == "on-demand" and t["trigger"] == "request" for t in timings())
-        assert any(t["phases_ms"]["election_network"] is not None for t in timings()), timings()
+        assert all(t["phases_ms"]["election_network"] is not None for t in timings()), timings()
         # ...and once the work is done (certificates included) the leader pauses again.
         assert wait_until(lambda: running.status()["leader"] is None, 15, 0.5)
+        # The second election's leader found "first" retained as committed: it did not publish it again.
+        assert sorted(published) == ["first", "second"], published
         verify = running.tomq("ledger", "verify", str(running.ledger_dir), "--operator-key",
                               str(running.directory / "operator" / "operator.pub"))
         assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        watcher.stop()
+        running.stop()
+        running.kill_instances()
+
+
+def test_the_leader_puts_back_a_retained_placement_that_someone_overwrote(tmp_path: Path):
+    """Only nodes may publish placements, but a broken or hostile one could: services fence on them."""
+    running = OrchestratedCluster(tmp_path, "process", None)
+    running.start()
+    running.proposer().close()  # points cluster.toml at the test broker
+    try:
+        assert wait_until(lambda: running.status()["leader"] is not None, 30, 0.5), running.logs()
+        spec = write_spec(tmp_path / "web.toml", "web")
+        result = running.tomq("deploy", str(running.directory), str(spec), "--wait", "30")
+        assert result.returncode == 0, result.stdout + result.stderr + running.logs()
+        assert wait_until(lambda: len(placed_by_ledger(running)) == 1, 10)  # the block reaches the shared dir
+        [(node, height)] = placed_by_ledger(running).values()
+        committed = {"0": {"node": node, "height": height}}
+        assert wait_until(lambda: running.placements().get("web", {}).get("replicas") == committed, 10)
+        elsewhere = next(n for n in ("n1", "n2", "n3") if n != node)
+        forger = MqttLink(host="127.0.0.1", port=running.broker.port, username=elsewhere,
+                          password=cluster.broker_password(running.cluster.signing_key(elsewhere)))
+        forger.start()
+        try:
+            forged = {"service": "web", "height": height, "replicas": {"0": {"node": elsewhere, "height": height}}}
+            forger.publish(running.cluster.topics.orch_placement("web"), json.dumps(forged).encode(), qos=1,
+                           retain=True)
+        finally:
+            forger.stop()
+        assert wait_until(lambda: running.placements().get("web", {}).get("replicas") == committed, 10), \
+            running.placements()
     finally:
         running.stop()
         running.kill_instances()

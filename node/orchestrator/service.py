@@ -125,7 +125,11 @@ class Orchestrator:
         self.worker = InstanceWorker(runtime, self._on_worker_report) if runtime is not None else None
         self.timings: deque[PlacementTiming] = deque(maxlen=200)
         self.open_timings: dict[str, PlacementTiming] = {}  # PROV-ORCH record id -> its timing
-        self.published: dict[str, str] = {}  # service -> placement document last published retained
+        self.published: dict[str, str] = {}  # service -> replicas this node published retained, as leader
+        # service -> replicas of the retained orch/placement/<service> as the broker holds it (every node
+        # listens): a new leader publishes only what differs, not every service at every election.
+        self.retained: dict[str, str] = {}
+        self.placement_prefix = node.topics.orch_placement("x")[:-1]
         self.was_leader = False
         self.dirty = True  # the state changed since the last reconcile
         self.caught_up = False
@@ -168,6 +172,24 @@ class Orchestrator:
             self.dirty = True
 
     # ------------------------------------------------------------------ inputs
+
+    def on_placement(self, topic: str, payload: bytes) -> None:
+        """A retained orch/placement/<service> (only nodes may publish there): remember what it says.
+        One that is not what we published as leader (a late copy from an earlier leader, a node
+        overwriting it) makes us publish ours again at the next turn of the loop."""
+        service = topic[len(self.placement_prefix):]
+        key: str | None = None
+        try:
+            key = _replicas_key(json.loads(payload)["replicas"]) if payload else None
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: as good as none
+        if key is None:
+            self.retained.pop(service, None)
+        else:
+            self.retained[service] = key
+        if service in self.published and self.published[service] != key:
+            del self.published[service]
+            self.dirty = True
 
     def on_request(self, payload: bytes) -> None:
         try:
@@ -232,7 +254,7 @@ class Orchestrator:
             return
         leader = ledger.is_ready_leader()
         if leader and not self.was_leader:
-            self.published.clear()  # a new leader republishes every placement
+            self.published.clear()  # a new leader checks every placement against what is retained
             self.plan_in_flight.clear()
         self.was_leader = leader
         now = time.time()
@@ -440,8 +462,11 @@ class Orchestrator:
     def _publish_placements(self) -> None:
         for service in sorted(set(self.state.specs) | set(self.published) | set(self.state.table.services())):
             document = self.state.placement_of(service)
-            key = json.dumps(document["replicas"], sort_keys=True)
+            key = _replicas_key(document["replicas"])
             if self.published.get(service) == key:
+                continue
+            if self.retained.get(service) == key:
+                self.published[service] = key  # the broker holds it already (an earlier leader's)
                 continue
             if self.node.link.publish(self.node.topics.orch_placement(service),
                                       json.dumps(document, sort_keys=True).encode(), qos=1, retain=True):
@@ -588,6 +613,10 @@ class Orchestrator:
             "placement_p50_ms": round(statistics.median(totals), 3) if totals else None,
             "problems": self.instance_problems[-5:] + self.state.skipped[-5:],
         }
+
+
+def _replicas_key(replicas: Any) -> str:
+    return json.dumps(replicas, sort_keys=True)
 
 
 def _fraction(value: Any) -> float:
