@@ -34,7 +34,7 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -297,9 +297,7 @@ class LedgerService:
             self.standing_ticks, self.standing_turn = 0, None
             return
         if self.standing_turn is None:
-            voters = sorted(raft.voters)
-            self.standing_turn = ((voters.index(self.node.name) - raft.term) % len(voters)
-                                  if self.node.name in voters else len(voters))
+            self.standing_turn = stand_turn(raft.voters, self.node.name, raft.term)
         if ticked:
             self.standing_ticks += 1
         if self.standing_ticks >= STAND_TICKS * self.standing_turn:
@@ -790,6 +788,16 @@ def _envelope_seq(envelope: bytes) -> int:
         return int(fields["seq"])
     except (canonical.CanonicalDecodeError, KeyError, TypeError, ValueError, IndexError):
         return 0  # malformed: the opener will refuse it with a reason
+
+
+def stand_turn(voters: Iterable[str], name: str, term: int) -> int:
+    """On-demand: when `name` stands for election after a pause in `term` (0 = at once; see
+    LedgerService._maybe_stand). The voters in name order, rotated by the term: each term another
+    node goes first, and every node that agrees on the term agrees on the order. A non-voter comes last."""
+    ordered = sorted(voters)
+    if name not in ordered:
+        return len(ordered)
+    return (ordered.index(name) - term) % len(ordered)
 
 
 def audit_lines(topics: Any, height: int, block_file: BlockFile,
