@@ -143,6 +143,8 @@ class LedgerService:
         self.wants_leader = False
         self.standing_ticks = 0  # ticks since this node wanted a leader and none appeared
         self.standing_turn: int | None = None  # its turn to stand, fixed when it began to want one
+        self.standing_term = -1  # the Raft term in which the wait began (or last restarted)
+        self.led_term = -1  # the last term in which this node knew a leader
         # (Raft index, certified height) of certificate entries applied: the log may be compacted to
         # such an index once the writer has that height durably in the store.
         self.compact_candidates: deque[tuple[int, int]] = deque()
@@ -287,20 +289,28 @@ class LedgerService:
         (split votes) or each at a random tick (that wait was most of an on-demand placement): in the
         order of the voters rotated by the term, which every node that saw the last election agrees
         on, the first stands at once, the k-th only after STAND_TICKS * k ticks without a leader (the
-        ones before it may be down). The turn is fixed when the wish begins: the first one's campaign
-        raises everyone's term. A node that missed the last term may stand out of turn: Raft's
-        election timeout settles that split vote."""
+        ones before it may be down). The turn is fixed when the wish begins (the first one's campaign
+        raises everyone's term). A term that moves during the wait means someone stood: the wait starts
+        again. Nobody stands at once who has not known a leader in this term (just started, or a
+        campaign under way): a sitting leader's heartbeat gets a turn to arrive first. Two nodes that
+        stand together split the vote; on-demand Raft has no election timeout of its own, so the next
+        in turn, still waiting, stands after its wait and settles it."""
         raft = self.node.raft
-        if self.wants_leader and (raft.leader is not None or self._is_leader()):
+        if raft.leader is not None or self._is_leader():
+            self.led_term = raft.term
             self.wants_leader = False
         if not self.wants_leader:
             self.standing_ticks, self.standing_turn = 0, None
             return
         if self.standing_turn is None:
             self.standing_turn = stand_turn(raft.voters, self.node.name, raft.term)
+            self.standing_term = raft.term
+        elif raft.term != self.standing_term:
+            self.standing_term, self.standing_ticks = raft.term, 0
         if ticked:
             self.standing_ticks += 1
-        if self.standing_ticks >= STAND_TICKS * self.standing_turn:
+        turn = self.standing_turn if self.led_term == raft.term else max(1, self.standing_turn)
+        if self.standing_ticks >= STAND_TICKS * turn:
             self.wants_leader = False
             self.standing_ticks, self.standing_turn = 0, None
             raft.campaign()
@@ -427,7 +437,9 @@ class LedgerService:
             self.tentative_head = self.verifier.head_hash
             self.tentative_state = self.verifier.state
             self.tentative_seqs = dict(self.seqs)
-            candidates = {(member, p): None for _, member, p in self.recent}
+            # Only the last moments: a follower no longer listening (stable mode) keeps an old copy.
+            fresh_after = time.monotonic() - RECENT_SECONDS
+            candidates = {(member, p): None for received, member, p in self.recent if received >= fresh_after}
             candidates.update(dict.fromkeys(self.early))
             self.early = []
             # Replay in rising sequence order: the ledger takes a proposer's records only in that order.
@@ -615,8 +627,17 @@ class LedgerService:
             # Deterministic: every node reaches the same verdict on the same committed bytes.
             self.verifier = self.verifier.reset_failure()
             log.warning("skipping block from entry %s (term %s): %s", entry.index, entry.term, exc)
+            try:
+                for envelope_bytes in decode_block_file(data).block.records:
+                    self.verifier.checked_envelopes.pop(envelope_bytes, None)
+            except PeerError:
+                pass
             if self._is_leader():
-                self.was_leader = False  # rebuild the tentative chain from what is applied
+                # Rebuild the tentative chain from what is applied (said directly: faking a step-down
+                # here kept a real step-down in the same turn from clearing what it must).
+                self.tentative_state = None
+                self.ready_at = self._last_unapplied_ledger_entry()
+                self.cert_in_flight = self.certified
             return
         for envelope_bytes in block_file.block.records:
             self.verifier.checked_envelopes.pop(envelope_bytes, None)
