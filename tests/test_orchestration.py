@@ -495,3 +495,23 @@ def test_the_leader_puts_back_a_retained_placement_that_someone_overwrote(tmp_pa
     finally:
         running.stop()
         running.kill_instances()
+
+
+def test_placements_are_retained_again_after_the_broker_restarts_empty(tmp_path: Path):
+    """The test's mosquitto keeps nothing across a restart (persistence off): the nodes publish again."""
+    running = OrchestratedCluster(tmp_path, "process", None)
+    running.start()
+    running.proposer().close()  # points cluster.toml at the test broker
+    try:
+        assert wait_until(lambda: running.status()["leader"] is not None, 30, 0.5), running.logs()
+        spec = write_spec(tmp_path / "web.toml", "web")
+        result = running.tomq("deploy", str(running.directory), str(spec), "--wait", "30")
+        assert result.returncode == 0, result.stdout + result.stderr + running.logs()
+        assert wait_until(lambda: "web" in running.placements(), 10)
+        running.broker.stop()
+        running.broker.start()
+        assert running.placements() == {}  # the broker came back without them
+        assert wait_until(lambda: "web" in running.placements(), 30, 0.5), running.logs()
+    finally:
+        running.stop()
+        running.kill_instances()

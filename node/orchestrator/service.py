@@ -129,6 +129,7 @@ class Orchestrator:
         # service -> replicas of the retained orch/placement/<service> as the broker holds it (every node
         # listens): a new leader publishes only what differs, not every service at every election.
         self.retained: dict[str, str] = {}
+        self.connects_seen = 0  # MqttLink.connects when `retained` was started
         self.placement_prefix = node.topics.orch_placement("x")[:-1]
         self.was_leader = False
         self.dirty = True  # the state changed since the last reconcile
@@ -253,6 +254,13 @@ class Orchestrator:
         if ledger is None:
             return
         leader = ledger.is_ready_leader()
+        if self.node.link.connects != self.connects_seen:
+            # A new connection (a restarted broker may hold no retained messages at all): what we knew
+            # of its retained placements, and what we published to it, no longer counts.
+            self.connects_seen = self.node.link.connects
+            self.retained.clear()
+            self.published.clear()
+            self.dirty = True
         if leader and not self.was_leader:
             self.published.clear()  # a new leader checks every placement against what is retained
             self.plan_in_flight.clear()
