@@ -31,6 +31,8 @@ def test_sign_and_verify():
     assert not signer.public_key.verify(signature, b"hellp")
     assert not key("b").public_key.verify(signature, b"hello")
     assert not signer.public_key.verify(signature[:-1], b"hello")
+    assert signer.public_key.verify(bytearray(signature), memoryview(b"hello"))  # any bytes-like input
+    assert not signer.public_key.verify("x" * 64, b"hello")  # type: ignore[arg-type]  # refused, not raised
 
 
 def test_key_file_round_trip_is_0600(tmp_path):

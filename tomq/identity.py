@@ -8,8 +8,11 @@ Signing and verifying go through libsodium (PyNaCl): on this project's machines 
 twice as fast as OpenSSL (18,400 against 9,600 verifications per second, one core; bench/wire.py),
 and every node verifies every record. Ed25519 signatures are deterministic, so both libraries sign
 the same bytes, and each verifies the other's (tests/test_identity.py). libsodium's verify is the
-stricter one: it refuses small-order public keys, with which OpenSSL lets one forged signature pass
-for every message. Key files stay PKCS#8 PEM, read and written with OpenSSL.
+stricter one: it refuses small-order public keys (with which OpenSSL lets one forged signature pass
+for every message) and signatures whose R is a small-order point (which any key holder can make and
+OpenSSL takes). So every node of a cluster must verify with the same library: upgrade them together,
+and verify an older chain (`tomq ledger verify`) before a node built on it starts with this one.
+Key files stay PKCS#8 PEM, read and written with OpenSSL.
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ class PublicKey:
         if len(signature) != SIGNATURE_BYTES:
             return False
         try:
-            crypto_sign_open(signature + message, self.raw)
-        except BadSignatureError:
+            crypto_sign_open(bytes(signature) + bytes(message), self.raw)
+        except (BadSignatureError, TypeError, ValueError):  # whatever the input, a refusal is False
             return False
         return True
 
