@@ -466,52 +466,49 @@ def test_on_demand_each_request_elects_a_leader_that_places_it_then_pauses(tmp_p
         running.kill_instances()
 
 
-def test_the_leader_puts_back_a_retained_placement_that_someone_overwrote(tmp_path: Path):
+@pytest.fixture
+def web_deployed(tmp_path: Path) -> Iterator[OrchestratedCluster]:
+    """A stable 3-node cluster (process runtime) with one service, "web", deployed and placed."""
+    running = OrchestratedCluster(tmp_path, "process", None)
+    running.start()
+    running.proposer().close()  # points cluster.toml at the test broker
+    try:
+        assert wait_until(lambda: running.status()["leader"] is not None, 30, 0.5), running.logs()
+        spec = write_spec(tmp_path / "web.toml", "web")
+        result = running.tomq("deploy", str(running.directory), str(spec), "--wait", "30")
+        assert result.returncode == 0, result.stdout + result.stderr + running.logs()
+        yield running
+    finally:
+        running.stop()
+        running.kill_instances()
+
+
+def test_the_leader_puts_back_a_retained_placement_that_someone_overwrote(web_deployed: OrchestratedCluster):
     """Only nodes may publish placements, but a broken or hostile one could: services fence on them."""
-    running = OrchestratedCluster(tmp_path, "process", None)
-    running.start()
-    running.proposer().close()  # points cluster.toml at the test broker
+    running = web_deployed
+    assert wait_until(lambda: len(placed_by_ledger(running)) == 1, 10)  # the block reaches the shared dir
+    [(node, height)] = placed_by_ledger(running).values()
+    committed = {"0": {"node": node, "height": height}}
+    assert wait_until(lambda: running.placements().get("web", {}).get("replicas") == committed, 10)
+    elsewhere = next(n for n in ("n1", "n2", "n3") if n != node)
+    forger = MqttLink(host="127.0.0.1", port=running.broker.port, username=elsewhere,
+                      password=cluster.broker_password(running.cluster.signing_key(elsewhere)))
+    forger.start()
     try:
-        assert wait_until(lambda: running.status()["leader"] is not None, 30, 0.5), running.logs()
-        spec = write_spec(tmp_path / "web.toml", "web")
-        result = running.tomq("deploy", str(running.directory), str(spec), "--wait", "30")
-        assert result.returncode == 0, result.stdout + result.stderr + running.logs()
-        assert wait_until(lambda: len(placed_by_ledger(running)) == 1, 10)  # the block reaches the shared dir
-        [(node, height)] = placed_by_ledger(running).values()
-        committed = {"0": {"node": node, "height": height}}
-        assert wait_until(lambda: running.placements().get("web", {}).get("replicas") == committed, 10)
-        elsewhere = next(n for n in ("n1", "n2", "n3") if n != node)
-        forger = MqttLink(host="127.0.0.1", port=running.broker.port, username=elsewhere,
-                          password=cluster.broker_password(running.cluster.signing_key(elsewhere)))
-        forger.start()
-        try:
-            forged = {"service": "web", "height": height, "replicas": {"0": {"node": elsewhere, "height": height}}}
-            forger.publish(running.cluster.topics.orch_placement("web"), json.dumps(forged).encode(), qos=1,
-                           retain=True)
-        finally:
-            forger.stop()
-        assert wait_until(lambda: running.placements().get("web", {}).get("replicas") == committed, 10), \
-            running.placements()
+        forged = {"service": "web", "height": height, "replicas": {"0": {"node": elsewhere, "height": height}}}
+        forger.publish(running.cluster.topics.orch_placement("web"), json.dumps(forged).encode(), qos=1,
+                       retain=True)
     finally:
-        running.stop()
-        running.kill_instances()
+        forger.stop()
+    assert wait_until(lambda: running.placements().get("web", {}).get("replicas") == committed, 10), \
+        running.placements()
 
 
-def test_placements_are_retained_again_after_the_broker_restarts_empty(tmp_path: Path):
+def test_placements_are_retained_again_after_the_broker_restarts_empty(web_deployed: OrchestratedCluster):
     """The test's mosquitto keeps nothing across a restart (persistence off): the nodes publish again."""
-    running = OrchestratedCluster(tmp_path, "process", None)
-    running.start()
-    running.proposer().close()  # points cluster.toml at the test broker
-    try:
-        assert wait_until(lambda: running.status()["leader"] is not None, 30, 0.5), running.logs()
-        spec = write_spec(tmp_path / "web.toml", "web")
-        result = running.tomq("deploy", str(running.directory), str(spec), "--wait", "30")
-        assert result.returncode == 0, result.stdout + result.stderr + running.logs()
-        assert wait_until(lambda: "web" in running.placements(), 10)
-        running.broker.stop()
-        running.broker.start()
-        assert running.placements() == {}  # the broker came back without them
-        assert wait_until(lambda: "web" in running.placements(), 30, 0.5), running.logs()
-    finally:
-        running.stop()
-        running.kill_instances()
+    running = web_deployed
+    assert wait_until(lambda: "web" in running.placements(), 10)
+    running.broker.stop()
+    running.broker.start()
+    assert running.placements() == {}  # the broker came back without them
+    assert wait_until(lambda: "web" in running.placements(), 30, 0.5), running.logs()
