@@ -615,23 +615,18 @@ class LedgerService:
     def _apply_block(self, entry: Entry, data: bytes) -> None:
         self.apply_started = time.monotonic()  # listeners time how long checking a block takes
         try:
-            header_height = decode_block_file(data).block.height
+            header = decode_block_file(data).block
         except PeerError as exc:
             log.warning("skipping entry %s: %s", entry.index, exc)
             return
-        if header_height <= self.verifier.height:
+        if header.height <= self.verifier.height:
             return  # re-applied after a restart: the store already has it
         try:
-            block_file = self._check_and_account(header_height, data, committed=True)
+            block_file = self._check_and_account(header.height, data, committed=True)
         except LedgerInvalid as exc:
             # Deterministic: every node reaches the same verdict on the same committed bytes.
             self.verifier = self.verifier.reset_failure()
             log.warning("skipping block from entry %s (term %s): %s", entry.index, entry.term, exc)
-            try:
-                for envelope_bytes in decode_block_file(data).block.records:
-                    self.verifier.checked_envelopes.pop(envelope_bytes, None)
-            except PeerError:
-                pass
             if self._is_leader():
                 # Rebuild the tentative chain from what is applied (said directly: faking a step-down
                 # here kept a real step-down in the same turn from clearing what it must).
@@ -639,8 +634,9 @@ class LedgerService:
                 self.ready_at = self._last_unapplied_ledger_entry()
                 self.cert_in_flight = self.certified
             return
-        for envelope_bytes in block_file.block.records:
-            self.verifier.checked_envelopes.pop(envelope_bytes, None)
+        finally:
+            for envelope_bytes in header.records:  # applied or refused, this block is done with them
+                self.verifier.checked_envelopes.pop(envelope_bytes, None)
         # Not written to the store yet: until its certificate is applied the block lives in the Raft
         # log, which is never compacted past an uncertified block, so a restart re-applies it.
         self._await_certificate(block_file)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tomq import canonical
-from tomq.certificate import TrustStore
+from tomq.certificate import Certificate, TrustStore
 from tomq.errors import (
     BadSignature,
     BodyTooLarge,
@@ -257,7 +257,11 @@ class EnvelopeOpener:
                 raise BodyTooLarge(f"envelope of {len(data)} bytes exceeds the limit of {self.max_bytes}")
             if opened.type not in self.accepted_types:
                 raise UnknownEnvelopeType(f"envelope type {opened.type[:40]!r} is not accepted here", opened.sender)
-            return self._admit(opened, now)
+            certificate = self.trust.by_id(opened.sender)
+            if certificate is None:
+                raise UnknownSender(f"sender {opened.sender} has no membership certificate in this cluster",
+                                    opened.sender)
+            return self._admit(opened, certificate, now)
         data, signed, signature, fields = _unpack(data, self.max_bytes, self.accepted_types)
         sender = fields["from"]
         certificate = self.trust.by_id(sender)
@@ -268,14 +272,11 @@ class EnvelopeOpener:
         if not certificate.subject.verify(signature, signing_input(_DOMAIN, signed)):
             raise BadSignature(f"signature of envelope {fields['seq']} from {sender} does not verify", sender)
         return self._admit(Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature,
-                                    data), now)
+                                    data), certificate, now)
 
-    def _admit(self, envelope: Envelope, now: float) -> Envelope:
-        """The checks of a well-signed envelope that depend on when and where it is opened."""
+    def _admit(self, envelope: Envelope, certificate: Certificate, now: float) -> Envelope:
+        """The checks of a well-signed envelope from `certificate`'s holder that depend on when it is opened."""
         sender = envelope.sender
-        certificate = self.trust.by_id(sender)
-        if certificate is None:
-            raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
         if not certificate.is_valid_at(now):
             raise CertificateExpired(
                 f"certificate of {certificate.name} ({sender}) is valid only in "

@@ -130,7 +130,7 @@ class Orchestrator:
         # listens): a new leader publishes only what differs, not every service at every election.
         self.retained: dict[str, str] = {}
         self.connects_seen = 0  # MqttLink.connects when `retained` was started
-        self.placement_prefix = node.topics.orch_placement("x")[:-1]
+        self.placement_prefix = f"{node.topics.root}/orch/placement/"
         self.was_leader = False
         self.dirty = True  # the state changed since the last reconcile
         self.caught_up = False
