@@ -23,7 +23,7 @@ from tomq.node.ledger.block import (
     make_block,
     sign_block,
 )
-from tomq.node.ledger.shared_dir import LedgerDivergence, SharedLedgerError, put_block_file
+from tomq.node.ledger.shared_dir import LedgerDivergence, SharedLedgerError, put_block_file, put_block_files
 
 N1, N2, N3 = key("n1"), key("n2"), key("n3")
 
@@ -46,6 +46,24 @@ def test_first_writer_puts_the_file_in_place_and_leaves_no_temporary(tmp_path: P
     assert result.path.read_bytes() == data
     assert listing(tmp_path) == ["000000000007.block"]
     assert os.stat(result.path).st_nlink == 1  # the temporary's name is gone
+
+
+def test_a_batch_puts_what_it_can_in_order_and_names_the_first_height_it_could_not(tmp_path: Path):
+    # A writer puts several heights at once (one directory fsync); it must still learn which ones it
+    # created, to speak for them, when a later one in the batch diverges.
+    blocks = {height: block_bytes(height) for height in range(3, 8)}
+    put_block_file(tmp_path, blocks[4])  # another node was first at 4: identical, fine
+    theirs = block_bytes(6, records=(b"their record",))
+    put_block_file(tmp_path, theirs)  # and at 6 with other bytes: divergence
+    results, failure = put_block_files(tmp_path, [blocks[h] for h in range(3, 8)])
+    assert [(r.height, r.written) for r in results] == [(3, True), (4, False), (5, True)]
+    assert isinstance(failure, LedgerDivergence) and failure.height == 6
+    assert (tmp_path / block_file_name(6)).read_bytes() == theirs  # untouched
+    assert listing(tmp_path) == [block_file_name(h) for h in (3, 4, 5, 6)]  # 7 not put, no temporary left
+    assert all((tmp_path / block_file_name(h)).read_bytes() == blocks[h] for h in (3, 4, 5))
+    results, failure = put_block_files(tmp_path, [blocks[7], b"not a block"])
+    assert [(r.height, r.written) for r in results] == [(7, True)]
+    assert isinstance(failure, UsageError) and "malformed" in str(failure)
 
 
 def test_a_second_writer_with_identical_bytes_succeeds_without_writing(tmp_path: Path):
@@ -133,13 +151,14 @@ def test_losing_the_race_at_the_link_itself(tmp_path: Path, monkeypatch: pytest.
     # Another node links its file between our check for an existing file and our own link.
     ours = block_bytes()
     theirs = ours if winner_same else block_bytes(records=(b"their record",))
-    real_write = shared_dir._write_durably
+    real_write = shared_dir._write_temp
 
-    def write_then_lose(path: Path, data: bytes) -> None:
-        real_write(path, data)
+    def write_then_lose(path: Path, data: bytes) -> int:
+        fd = real_write(path, data)
         (tmp_path / block_file_name(7)).write_bytes(theirs)
+        return fd
 
-    monkeypatch.setattr(shared_dir, "_write_durably", write_then_lose)
+    monkeypatch.setattr(shared_dir, "_write_temp", write_then_lose)
     if winner_same:
         assert put_block_file(tmp_path, ours).written is False
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -30,6 +31,32 @@ def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(temp, final)
     fsync_directory(final.parent)
+
+
+def replace_files(directory: str | os.PathLike[str], files: Sequence[tuple[str, bytes]]) -> None:
+    """`replace_file` for several files in one directory, with one directory fsync for all of them.
+
+    Every temp file is written before any is fsynced: on ext4 (data=ordered) the first fsync's
+    journal commit carries all their data, so the others find little left to do. Each file is
+    still fsynced and renamed on its own, so each is atomic and durable on any filesystem.
+    """
+    root = Path(directory)
+    temps = [(root / f".{name}.tmp", root / name) for name, _ in files]
+    handles = []
+    try:
+        for (temp, _), (_, data) in zip(temps, files, strict=True):
+            handle = open(temp, "wb")
+            handles.append(handle)
+            handle.write(data)
+            handle.flush()
+        for handle in handles:
+            os.fsync(handle.fileno())
+    finally:
+        for handle in handles:
+            handle.close()
+    for temp, final in temps:
+        os.replace(temp, final)
+    fsync_directory(root)
 
 
 def lock_directory(directory: str | os.PathLike[str]) -> int | None:

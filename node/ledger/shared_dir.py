@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,36 +57,82 @@ class PutResult:
 
 def put_block_file(directory: str | os.PathLike[str], data: bytes) -> PutResult:
     """Put the block file `data` in place under its height's name, atomically and exclusively."""
-    try:
-        height = decode_block_file(data).block.height
-    except MalformedBlock as exc:
-        raise UsageError(f"refusing to publish a malformed block file: {exc}") from None
+    results, failure = put_block_files(directory, [data])
+    if failure is not None:
+        raise failure
+    return results[0]
+
+
+def put_block_files(directory: str | os.PathLike[str],
+                    files: Sequence[bytes]) -> tuple[list[PutResult], TomqError | None]:
+    """`put_block_file` for several block files in height order, with one directory fsync for all.
+
+    Returns what was put (or found identical), in order, up to the first file that could not be,
+    and why that one could not (None when all were): a writer learns which heights it created, and
+    must speak for, even when a later one diverges. Each file is still written to a temporary,
+    fsynced and linked on its own; the temporaries are all written before the first fsync, so on
+    ext4 that fsync's journal commit carries them all.
+    """
     root = Path(directory)
-    final = root / block_file_name(height)
+    planned: list[tuple[int, Path, bytes, PutResult | Path]] = []  # height, final, data, found | temp
+    descriptors: list[int] = []
+    results: list[PutResult] = []
+    failure: TomqError | None = None
+    linked = False
+    height = -1
     try:
-        existing = _read_if_exists(final)
-        if existing is not None:  # the common case for all but the fastest node: skip writing a copy
-            return _agree(height, final, existing, data)
-        temp = root / f".{final.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp"
-        _write_durably(temp, data)
-        try:
-            os.link(temp, final)
-        except FileExistsError:
-            _unlink_quietly(temp)
+        for data in files:
+            try:
+                height = decode_block_file(data).block.height
+            except MalformedBlock as exc:
+                failure = UsageError(f"refusing to publish a malformed block file: {exc}")
+                break
+            final = root / block_file_name(height)
             existing = _read_if_exists(final)
-            assert existing is not None  # block files are never deleted
-            return _agree(height, final, existing, data)
-        except BaseException:
-            _unlink_quietly(temp)
-            raise
-        os.unlink(temp)
-        fsync_directory(root)
+            if existing is not None:  # the common case for all but the fastest node: skip writing a copy
+                try:
+                    planned.append((height, final, data, _agree(height, final, existing, data)))
+                except LedgerDivergence as exc:
+                    failure = exc
+                    break
+                continue
+            temp = root / f".{final.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp"
+            planned.append((height, final, data, temp))
+            descriptors.append(_write_temp(temp, data))
+        for fd in descriptors:
+            os.fsync(fd)  # before the links: a final name must never point at bytes a crash could lose
+        for height, final, data, found in planned:
+            if isinstance(found, PutResult):
+                results.append(found)
+                continue
+            try:
+                os.link(found, final)
+                linked = True
+                results.append(PutResult(final, height, True))
+            except FileExistsError:
+                existing = _read_if_exists(final)
+                assert existing is not None  # block files are never deleted
+                try:
+                    results.append(_agree(height, final, existing, data))
+                except LedgerDivergence as exc:
+                    failure = exc
+                    break
     except OSError as exc:
-        raise SharedLedgerError(
+        failure = SharedLedgerError(
             f"cannot put block {height} into {root}: {exc.strerror or exc} (the directory must be writable "
-            "and support hard links)"
-        ) from None
-    return PutResult(final, height, True)
+            "and support hard links)")
+    finally:
+        for fd in descriptors:
+            os.close(fd)
+        for _, _, _, found in planned:
+            if isinstance(found, Path):
+                _unlink_quietly(found)
+    if linked:
+        try:
+            fsync_directory(root)  # the new names survive a power cut
+        except OSError as exc:
+            return [], SharedLedgerError(f"cannot make the new block files in {root} durable: {exc.strerror or exc}")
+    return results, failure
 
 
 def _agree(height: int, path: Path, existing: bytes, ours: bytes) -> PutResult:
@@ -119,19 +166,19 @@ def _read_if_exists(path: Path) -> bytes | None:
         return None
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_temp(path: Path, data: bytes) -> int:
+    """Write `data` to a new file and return its open descriptor (the caller fsyncs and closes it)."""
     # O_EXCL: the name is random, but never write through a file someone else created.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)  # before the link: the final name must never point at bytes a crash could lose
     except BaseException:
         os.close(fd)
         _unlink_quietly(path)
         raise
-    os.close(fd)
+    return fd
 
 
 def _unlink_quietly(path: Path) -> None:
