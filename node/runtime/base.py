@@ -230,6 +230,8 @@ def changed(before: Mapping[str, Instance], after: Mapping[str, Instance]) -> li
 def process_tree(roots: Sequence[int], proc: Path = Path("/proc")) -> list[int]:
     """`roots` and all their live descendants, roots first. One scan of /proc: this kernel may lack
     /proc/PID/task/TID/children, so parenthood is read from each process's stat line."""
+    if not roots:
+        return []  # a node running nothing scans nothing (its reconciler asks every period)
     parents: dict[int, list[int]] = {}
     alive: set[int] = set()
     for entry in os.listdir(proc):
