@@ -575,13 +575,14 @@ class LedgerService:
 
     # ------------------------------------------------------------------ every node: apply
 
-    def _check_and_account(self, height: int, data: bytes, *, committed: bool = False) -> BlockFile:
+    def _check_and_account(self, height: int, data: bytes, *, committed: bool = False,
+                           decoded: BlockFile | None = None) -> BlockFile:
         """Check a block as an auditor would, learn its proposers' sequence numbers, tell the listeners.
 
         `committed`: it was just committed; if we lead, its audit lines (the records are committed: a
         majority holds them) go out before the listeners (orchestrator, actuation) act on it.
         """
-        block_file = self.verifier.add(height, data, require_certificate=False)
+        block_file = self.verifier.add(height, data, require_certificate=False, decoded=decoded)
         self._account_seqs()
         if committed and self._is_leader():
             self._publish_audit(height, block_file)
@@ -615,14 +616,15 @@ class LedgerService:
     def _apply_block(self, entry: Entry, data: bytes) -> None:
         self.apply_started = time.monotonic()  # listeners time how long checking a block takes
         try:
-            header = decode_block_file(data).block
+            decoded = decode_block_file(data)
         except PeerError as exc:
             log.warning("skipping entry %s: %s", entry.index, exc)
             return
+        header = decoded.block
         if header.height <= self.verifier.height:
             return  # re-applied after a restart: the store already has it
         try:
-            block_file = self._check_and_account(header.height, data, committed=True)
+            block_file = self._check_and_account(header.height, data, committed=True, decoded=decoded)
         except LedgerInvalid as exc:
             # Deterministic: every node reaches the same verdict on the same committed bytes.
             self.verifier = self.verifier.reset_failure()
@@ -688,7 +690,7 @@ class LedgerService:
             self._write_store(height, data)
             self._certified(height)
             if self.ledger_dir is None and self._is_leader():
-                self._speak(height, final, data)  # without a shared directory the leader speaks
+                self._speak([(height, data)])  # without a shared directory the leader speaks
 
     def _certificate_problem(self, height: int, digest: bytes, certificate: Any) -> str | None:
         """Why `certificate` does not certify block `height` (None if it does), judged as `tomq ledger
@@ -713,23 +715,26 @@ class LedgerService:
     def _write_store(self, height: int, data: bytes) -> None:
         self.writer.put(height, data)
 
-    def _speak_soon(self, height: int, data: bytes) -> None:
-        """The writer created the shared file of `height` (on its thread): speak for it from the loop."""
-        self.node.call(lambda: self._speak(height, decode_block_file(data), data))
+    def _speak_soon(self, created: list[tuple[int, bytes]]) -> None:
+        """The writer created these heights' shared files (on its thread): speak for them from the loop."""
+        self.node.call(lambda: self._speak(created))
 
-    def _speak(self, height: int, block_file: BlockFile, data: bytes) -> None:
-        """Publish a certified block: retained block and head (the audit lines went out at commit).
+    def _speak(self, blocks: list[tuple[int, bytes]]) -> None:
+        """Publish certified blocks: each retained, and the head once for the last (the audit lines
+        went out at commit).
 
         One node speaks for each height (the one whose link created the shared file), so the broker
-        carries each block once, not once per node.
+        carries each block once, not once per node; the writer hands over a batch at a time.
         """
         topics = self.node.topics
         link = self.node.link
-        link.publish(topics.ledger_block(height), data, qos=1, retain=True)
-        if height >= self.retained_window:
-            link.publish(topics.ledger_block(height - self.retained_window), b"", qos=1, retain=True)
-        head = canonical.encode({"height": height, "hash": block_file.block.hash})
-        link.publish(topics.ledger_head(), head, qos=1, retain=True)
+        for height, data in blocks:
+            link.publish(topics.ledger_block(height), data, qos=1, retain=True)
+            if height >= self.retained_window:
+                link.publish(topics.ledger_block(height - self.retained_window), b"", qos=1, retain=True)
+        height, data = blocks[-1]
+        head_hash = decode_block_file(data, check_canonical=False).block.hash  # bytes this node encoded
+        link.publish(topics.ledger_head(), canonical.encode({"height": height, "hash": head_hash}), qos=1, retain=True)
 
     def _publish_audit(self, height: int, block_file: BlockFile) -> None:
         # From what the verifier has just decoded and checked (it is always called right before):

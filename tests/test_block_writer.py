@@ -46,8 +46,8 @@ class Spoken:
         self.heights: list[int] = []
         self.threads: set[str] = set()
 
-    def __call__(self, height: int, data: bytes) -> None:
-        self.heights.append(height)
+    def __call__(self, created: list[tuple[int, bytes]]) -> None:
+        self.heights.extend(height for height, _ in created)
         self.threads.add(threading.current_thread().name)
 
 

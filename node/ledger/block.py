@@ -190,14 +190,18 @@ def encode_block_file(block_file: BlockFile) -> bytes:
     )
 
 
-def decode_block_file(data: bytes) -> BlockFile:
-    """Decode a block file; any defect of shape raises MalformedBlock (one line), nothing else does."""
+def decode_block_file(data: bytes, *, check_canonical: bool = True) -> BlockFile:
+    """Decode a block file; any defect of shape raises MalformedBlock (one line), nothing else does.
+
+    check_canonical=False skips re-encoding to prove the bytes canonical: only for bytes this node
+    encoded itself, or when all that is wanted is the height (a non-canonical file is refused by
+    whoever checks it: `ChainVerifier`, `tomq ledger verify`)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedBlock(f"block file must be bytes, not {type(data).__name__}")
     if len(data) > MAX_BLOCK_FILE_BYTES:
         raise MalformedBlock(f"block file of {len(data)} bytes exceeds {MAX_BLOCK_FILE_BYTES}")
     try:
-        raw = canonical.decode(bytes(data))
+        raw = canonical.decode(bytes(data), check_canonical=check_canonical)
     except canonical.CanonicalDecodeError as exc:
         raise MalformedBlock(f"block file: {exc}") from None
     if type(raw) is not dict or raw.keys() != _FILE_FIELDS:

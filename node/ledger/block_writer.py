@@ -14,8 +14,8 @@ What it promises the loop:
 - a height whose shared file holds different bytes three times, RETRY_SECONDS apart, is divergence:
   this node stops writing there for good and says so (a read racing a brick's self-heal can look
   different once);
-- `speak(height, data)` is called (on this thread) for each height whose shared file this node
-  created: exactly one node does, and it publishes the block.
+- `speak([(height, data), ...])` is called (on this thread) once per batch with the heights whose
+  shared files this node created, in order: exactly one node creates each, and it publishes it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ STOP_SECONDS = 5.0  # how long stop() waits for queued blocks to reach the disk
 
 class BlockWriter:
     def __init__(self, store: Path, ledger_dir: Path | None, *, stored: int,
-                 speak: Callable[[int, bytes], None]) -> None:
+                 speak: Callable[[list[tuple[int, bytes]]], None]) -> None:
         self.store = store
         self.ledger_dir = ledger_dir
         self.speak = speak
@@ -150,6 +150,7 @@ class BlockWriter:
                                 "(will retry)")
                 return
             results, failure = put_block_files(self.ledger_dir, files)
+            created = []
             for height, data, result in zip(heights, files, results, strict=False):
                 if result.height != height:  # the store's file is not what we wrote: stop here
                     failure = failure or LedgerDivergence(height, f"the store's file {block_file_name(height)} holds "
@@ -159,7 +160,9 @@ class BlockWriter:
                 self._unshared.pop(height, None)
                 self.shared_next = height + 1
                 if result.written:
-                    self.speak(height, data)
+                    created.append((height, data))
+            if created:
+                self.speak(created)
             if failure is None:
                 continue
             if isinstance(failure, LedgerDivergence):

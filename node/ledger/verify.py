@@ -234,17 +234,19 @@ class ChainVerifier:
         self.last_envelopes: list[Envelope] = []  # the same records' envelopes, opened
         self.last_certifiers: Certifiers | None = None  # who may certify the block `add` last checked
 
-    def add(self, height: int, data: bytes, *, require_certificate: bool = True) -> BlockFile:
+    def add(self, height: int, data: bytes, *, require_certificate: bool = True,
+            decoded: BlockFile | None = None) -> BlockFile:
         """Check the block file `data` found at `height`; return it decoded, or raise LedgerInvalid.
 
         With require_certificate=False the commit certificate is not checked (a node checks a block
-        before it is certified); everything else is.
+        before it is certified); everything else is. `decoded`: what `decode_block_file(data)` has
+        just returned to the caller (a node reads the height first), so it is not decoded twice.
         """
         if self._failed is not None:
             raise self._failed
         self._trust_checkpoint = None
         try:
-            block_file = self._add(height, data, require_certificate)
+            block_file = self._add(height, data, require_certificate, decoded)
         except LedgerInvalid as exc:
             self.watermarks.discard()
             if self._trust_checkpoint is not None:
@@ -278,14 +280,14 @@ class ChainVerifier:
             data_left=len(self.state.left_data()),
         )
 
-    def _add(self, height: int, data: bytes, require_certificate: bool) -> BlockFile:
+    def _add(self, height: int, data: bytes, require_certificate: bool, decoded: BlockFile | None) -> BlockFile:
         def fail(reason: str) -> LedgerInvalid:
             return LedgerInvalid(height, reason)
 
         if height != self.height + 1:
             raise fail(f"blocks must be checked in order; expected height {self.height + 1}")
         try:
-            block_file = decode_block_file(data)
+            block_file = decoded if decoded is not None else decode_block_file(data)
         except MalformedBlock as exc:
             raise fail(str(exc)) from None
         block = block_file.block
