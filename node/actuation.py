@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,8 +74,8 @@ class Actuation:
         self.due_since: dict[str, float] = {}  # command id -> its trigger record's time (ms)
         self.proposed_at: dict[str, float] = {}
         self.acks: list[Acknowledge] = []
-        self.to_send: list[_Certifiable] = []
-        self.sent: set[str] = set()
+        self.to_send: list[_Certifiable] = []  # committed in the last MAX_AGE_SECONDS, in ledger order
+        self.unsent: deque[_Certifiable] = deque()  # of those, what this leader has not sent yet
         self.was_leader = False
         self.commanded: dict[str, dict[str, Any]] = {}  # actuator -> setting of its latest committed command
         self.counts = {"fired": 0, "unchanged": 0, "proposed": 0, "sent": 0, "acknowledged": 0, "dropped_stale": 0}
@@ -96,8 +97,10 @@ class Actuation:
                 self.due_since.pop(structure.deployed, None)
                 self.proposed_at.pop(structure.deployed, None)
                 if fresh:
-                    self.to_send.append(_Certifiable(item.height, structure.deployed, structure.location,
-                                                     record.time_ms))
+                    pending = _Certifiable(item.height, structure.deployed, structure.location, record.time_ms)
+                    self.to_send.append(pending)
+                    self.unsent.append(pending)
+                    self.ledger.certify_soon(item.height)  # the command waits for this certificate
             if not fresh or not deployed:
                 continue
             for intent in contracts.fire(deployed, record, record.record_id, item.height):
@@ -119,19 +122,41 @@ class Actuation:
     def has_leader_work(self) -> bool:
         return bool(self.due)
 
+    def has_work(self) -> bool:
+        """Whether the leader could act now (the node loop then turns at once, not at its next tick):
+        an intent not proposed yet, an acknowledgement to send, a command whose block is certified."""
+        if not self.was_leader:
+            return False
+        return (bool(self.acks) or any(command_id not in self.proposed_at for command_id in self.due)
+                or self._sendable())
+
+    def _sendable(self) -> bool:
+        """The oldest unsent command's block is certified, and its file at hand: kept in memory when
+        it was certified, or (certified before this node led) in the store."""
+        if not self.unsent:
+            return False
+        height = self.unsent[0].height
+        return height <= self.ledger.certified and (
+            self.ledger.certified_file(height) is not None or height <= self.ledger.stored)
+
     def status(self) -> dict[str, Any]:
         return {"contracts": len(self._deployed_contracts()), "commands_due": len(self.due), **self.counts}
 
     # ------------------------------------------------------------------ the leader
 
     def tick(self) -> None:
+        self._expire()
+        self.act()
+
+    def act(self) -> None:
+        """What the leader does with what committed: at every tick, and at once when `has_work`."""
         leader = self.ledger.is_ready_leader()
         if leader and not self.was_leader:
-            self.sent.clear()  # a new leader sends again what is recent: see the module docstring
+            self.unsent = deque(self.to_send)  # a new leader sends again what is recent: see the module docstring
         self.was_leader = leader
-        self._expire()
         if not leader:
             self.acks.clear()  # the leader acknowledges; a follower's copy would only pile up
+            self.unsent.clear()
             return
         now = time.monotonic()
         for command_id, intent in list(self.due.items()):
@@ -141,21 +166,17 @@ class Actuation:
         for ack in self.acks:
             self._acknowledge(ack)
         self.acks.clear()
-        # Certified and on this node's disk: the command carries the block file's certificate.
-        certified = min(self.ledger.certified, self.ledger.stored)
-        for pending in self.to_send:
-            if pending.height <= certified and pending.command_id not in self.sent:
-                self.sent.add(pending.command_id)
-                self._send(pending)
+        # In ledger order: a command goes out once its block is certified (the envelope carries the
+        # certificate), never before.
+        while self._sendable():
+            self._send(self.unsent.popleft())
 
     def _expire(self) -> None:
         now_ms = time.time() * 1000
         horizon = now_ms - MAX_AGE_SECONDS * 1000
-        kept = [p for p in self.to_send if p.time_ms > horizon]
-        for pending in self.to_send:
-            if pending.time_ms <= horizon:
-                self.sent.discard(pending.command_id)
-        self.to_send = kept
+        self.to_send = [p for p in self.to_send if p.time_ms > horizon]
+        while self.unsent and self.unsent[0].time_ms <= horizon:
+            self.unsent.popleft()
         for command_id, since in list(self.due_since.items()):
             if since <= horizon:
                 log.warning("command %s to %s dropped: not committed within %.0f s of its trigger", command_id,
@@ -183,12 +204,15 @@ class Actuation:
     def _send(self, pending: _Certifiable) -> None:
         from tomq.sensors.command import build_command  # the actuator's side of the same format
 
-        path = self.ledger.store / block_file_name(pending.height)
-        try:
-            block_file = decode_block_file(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            log.warning("cannot send command %s: block %s unreadable: %s", pending.command_id, pending.height, exc)
-            return
+        block_file = self.ledger.certified_file(pending.height)
+        if block_file is None:  # certified before this node led (a new leader's resend): from the store
+            path = self.ledger.store / block_file_name(pending.height)
+            try:
+                block_file = decode_block_file(path.read_bytes())
+            except (OSError, ValueError) as exc:
+                log.warning("cannot send command %s: block %s unreadable: %s", pending.command_id, pending.height,
+                            exc)
+                return
         index = _index_of_command(block_file.block.records, pending.command_id)
         if index is None:
             log.warning("cannot send command %s: not in block %s", pending.command_id, pending.height)

@@ -263,19 +263,24 @@ class NodeDaemon:
             # are written; with one voter an entry commits in the Ready that appends it, so check.
             apply_first = overlap and ready.restore is None and all(
                 entry.index <= self._durable_index for entry in ready.committed)
-            # With nothing new to replicate, what goes out only tells the followers the commit index:
-            # apply first, so the audit lines (what clients wait for) leave before those notices.
-            apply_now = apply_first and not ready.entries and ready.snapshot is None
+            # With nothing new to replicate, what goes out only tells the followers the commit index
+            # (a leader), or answers a heartbeat (a follower): apply first, so the audit lines (what
+            # clients wait for) leave before those notices, and a follower's signatures of what it
+            # just applied ride with its answer instead of waiting a heartbeat for the next one.
+            apply_now = not ready.entries and ready.snapshot is None and (
+                apply_first or (not overlap and ready.restore is None))
+            applied = apply_now
             if apply_now:
                 self._apply(ready)
             extras = self.applier.extras_for_peers(self._peers(), {m.to for m in ready.messages})
             if ready.messages or extras:
                 self.transport.send(ready.messages, extras)
-            if apply_first and not apply_now:
+            if apply_first and not applied:
                 self._apply(ready)
+                applied = True
             if overlap:
                 self._persist(ready)  # the core allows a leader's appends to go out first
-            if not apply_first:
+            if not applied:
                 self._apply(ready)
             self._maybe_compact()
         # What the applier has for everyone (its periodic gossip) goes out without waiting for a message.

@@ -69,6 +69,7 @@ log = logging.getLogger("tomq.ledger")
 STAND_TICKS = 2  # on-demand: how many ticks each node waits for the one before it to stand (see _maybe_stand)
 RECENT_SECONDS = 2.0  # how long every node remembers proposals, for the next leader to batch
 MAX_BLOCKS_IN_FLIGHT = 2  # proposed but not yet applied
+KEPT_CERTIFIED = 256  # heights below the certified one by more than this leave kept_certified
 
 
 class _NoReplayCheck:
@@ -122,6 +123,10 @@ class LedgerService:
         self.tentative_state: pattern.PatternState | None = None
         self.tentative_seqs: dict[str, int] = {}
         self.cert_in_flight = -1
+        self.certify_urgently = -1  # blocks up to here: certify as soon as a majority has signed
+        # Certified block files someone asked to keep (an actuator command's authority), by height:
+        # the command goes out with its certificate without waiting for the writer's disk round.
+        self.kept_certified: dict[int, BlockFile | None] = {}
         self.was_leader = False
         self.ready_at = 0
         self.early: list[tuple[str, bytes]] = []  # (member, envelope)
@@ -282,6 +287,27 @@ class LedgerService:
         self._maybe_stand(ticked=False)
         self._follow_leadership()
         self.cut_block()
+        if self.certify_urgently > max(self.certified, self.cert_in_flight):
+            self._maybe_propose_certificates()  # no block took them along: alone, now
+
+    def certify_soon(self, height: int) -> None:
+        """Block `height` is the authority of something waiting (an actuator command): have it
+        certified now rather than with the next block or at a tick, and keep its certified file.
+
+        The followers learn of a commit lazily (with the next append or heartbeat) and sign what they
+        apply; a leader tells them at once here, their signatures come back with their answers, and
+        the certificate goes in an entry of its own as soon as a majority has signed (after_input).
+        """
+        self.certify_urgently = max(self.certify_urgently, height)
+        for old in [h for h in self.kept_certified if h < self.certified - KEPT_CERTIFIED]:
+            del self.kept_certified[old]  # long sent (a new leader resends from the store)
+        self.kept_certified.setdefault(height, None)  # filled when certified
+        if height > self.certified and self._is_leader():
+            self.node.raft.announce_commit()
+
+    def certified_file(self, height: int) -> BlockFile | None:
+        """The certified file of a height passed to `certify_soon`, once certified (None before)."""
+        return self.kept_certified.get(height)
 
     def _maybe_stand(self, *, ticked: bool) -> None:
         """On-demand: no leader while idle; a node that holds work (a request, a proposal) stands for
@@ -686,6 +712,8 @@ class LedgerService:
                     self.cert_in_flight = self.certified
                 break  # certify in order
             final = BlockFile(block_file.block, block_file.proposer_signature, certificate)
+            if height in self.kept_certified:
+                self.kept_certified[height] = final
             data = encode_block_file(final)
             self._write_store(height, data)
             self._certified(height)

@@ -650,3 +650,22 @@ def test_followers_learn_a_commit_from_the_next_heartbeat_in_stable_mode_and_at_
         assert sent_after_commit  # an on-demand leader may pause instead of heartbeating: it tells at once
     assert all(f.log.committed == leader.log.committed for f in followers)
     assert [b"x"] == [d for d in net.committed("n2") if d == b"x"]
+
+
+def test_a_stable_leader_announces_its_commit_index_at_once_when_asked_and_a_follower_is_a_no_op():
+    # What the ledger asks for when a commit has an actuator command waiting for its certificate.
+    net = Net()
+    leader = net.elect("n1")
+    net.propose("n1", b"x")
+    net.deliver()
+    followers = [net.nodes["n2"], net.nodes["n3"]]
+    assert all(f.log.committed < leader.log.committed for f in followers)  # lazily, as above
+    net.nodes["n2"].announce_commit()  # not the leader: nothing to announce
+    net.process("n2")
+    assert not net.queue
+    leader.announce_commit()
+    net.process("n1")
+    assert {(m.type, m.to) for m in net.queue} == {(MessageType.HEARTBEAT, "n2"), (MessageType.HEARTBEAT, "n3")}
+    net.deliver()  # no tick: the announcement alone tells them
+    assert all(f.log.committed == leader.log.committed for f in followers)
+    assert b"x" in net.committed("n3")

@@ -833,6 +833,16 @@ class RaftNode:
             self._broadcast_heartbeat()
         self._maybe_pause()
 
+    def announce_commit(self) -> None:
+        """Leader: tell every follower the commit index now, not with the next append or heartbeat.
+
+        Followers learn it lazily on purpose (see `_handle_append_response`); a caller that needs the
+        followers to act on a commit soon (sign a block whose certificate an actuator command waits
+        for) asks for one heartbeat round now. Resets nothing: the regular heartbeats keep their beat.
+        """
+        if self.role is Role.LEADER:
+            self._broadcast_heartbeat()
+
     def _broadcast_heartbeat(self, read_seq: int = 0) -> None:
         read_seq = read_seq or (self._reads[-1].seq if self._reads else 0)
         for peer in sorted(self.progress):
