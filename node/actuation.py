@@ -125,7 +125,7 @@ class Actuation:
     def has_work(self) -> bool:
         """Whether the leader could act now (the node loop then turns at once, not at its next tick):
         an intent not proposed yet, an acknowledgement to send, a command whose block is certified."""
-        if not self.was_leader:
+        if not self.ledger.is_ready_leader():
             return False
         return (bool(self.acks) or any(command_id not in self.proposed_at for command_id in self.due)
                 or self._sendable())

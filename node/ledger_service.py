@@ -69,7 +69,7 @@ log = logging.getLogger("tomq.ledger")
 STAND_TICKS = 2  # on-demand: how many ticks each node waits for the one before it to stand (see _maybe_stand)
 RECENT_SECONDS = 2.0  # how long every node remembers proposals, for the next leader to batch
 MAX_BLOCKS_IN_FLIGHT = 2  # proposed but not yet applied
-KEPT_CERTIFIED = 256  # heights below the certified one by more than this leave kept_certified
+KEPT_CERTIFIED = 32  # certified block files a leader keeps for its commands; older ones come from the store
 
 
 class _NoReplayCheck:
@@ -287,8 +287,9 @@ class LedgerService:
         self._maybe_stand(ticked=False)
         self._follow_leadership()
         self.cut_block()
-        if self.certify_urgently > max(self.certified, self.cert_in_flight):
-            self._maybe_propose_certificates()  # no block took them along: alone, now
+        if self.certify_urgently > max(self.certified, self.cert_in_flight) and not self.pending:
+            # No block is about to take them along (under load one is, and carries them): alone, now.
+            self._maybe_propose_certificates()
 
     def certify_soon(self, height: int) -> None:
         """Block `height` is the authority of something waiting (an actuator command): have it
@@ -298,12 +299,14 @@ class LedgerService:
         apply; a leader tells them at once here, their signatures come back with their answers, and
         the certificate goes in an entry of its own as soon as a majority has signed (after_input).
         """
+        if not self._is_leader():
+            return  # followers neither certify nor send; a new leader's resends read the store
+        if height > self.certify_urgently and height > self.certified:
+            self.node.raft.announce_commit()  # once per block, however many commands it holds
         self.certify_urgently = max(self.certify_urgently, height)
-        for old in [h for h in self.kept_certified if h < self.certified - KEPT_CERTIFIED]:
-            del self.kept_certified[old]  # long sent (a new leader resends from the store)
         self.kept_certified.setdefault(height, None)  # filled when certified
-        if height > self.certified and self._is_leader():
-            self.node.raft.announce_commit()
+        while len(self.kept_certified) > KEPT_CERTIFIED:
+            del self.kept_certified[min(self.kept_certified)]  # the oldest: long sent, or read from the store
 
     def certified_file(self, height: int) -> BlockFile | None:
         """The certified file of a height passed to `certify_soon`, once certified (None before)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from keys import key
+from tomq.node.ledger import block_writer
 from tomq.node.ledger.block import (
     GENESIS_PREV,
     BlockFile,
@@ -114,6 +115,32 @@ def test_a_shared_directory_that_fails_is_retried_until_it_works(dirs, caplog):
         writer.stop()
 
 
+def test_blocks_held_for_a_failing_shared_directory_are_bounded_in_bytes_and_read_back_later(
+        dirs, monkeypatch: pytest.MonkeyPatch):
+    # The writer keeps stored blocks in memory for the shared directory (no read-back); a Gluster
+    # volume without quorum must not make that grow without end.
+    store, _ = dirs
+    blocks = [block_bytes(height) for height in range(10)]
+    monkeypatch.setattr(block_writer, "KEPT_FOR_SHARED_BYTES", 3 * len(blocks[0]))
+    shared = store.parent / "not-mounted-yet"
+    shared.write_bytes(b"a file where the directory should be")
+    writer = BlockWriter(store, shared, stored=-1, speak=Spoken())
+    writer.start()
+    try:
+        for height, data in enumerate(blocks):
+            writer.put(height, data)
+        assert writer.flush()
+        assert writer.stored == 9 and writer.shared_next == 0
+        assert len(writer._unshared) == 3 and writer._unshared_bytes <= 3 * len(blocks[0])
+        shared.unlink()
+        shared.mkdir()
+        assert wait_until(lambda: writer.shared_next == 10)
+        assert [(shared / block_file_name(h)).read_bytes() for h in range(10)] == blocks  # the rest from the store
+        assert writer._unshared == {} and writer._unshared_bytes == 0
+    finally:
+        writer.stop()
+
+
 def test_different_bytes_in_the_shared_directory_stop_this_node_writing_there(dirs, caplog):
     store, shared = dirs
     theirs = block_bytes(0, record=b"another record")
@@ -158,3 +185,15 @@ def test_a_store_that_cannot_be_written_keeps_the_blocks_queued_and_stored_behin
         assert writer.stored == 4
     finally:
         writer.stop()
+
+
+def test_replace_files_leaves_no_temporary_when_a_rename_fails(tmp_path: Path):
+    from tomq.durable import replace_files
+
+    (tmp_path / "b").mkdir()  # a directory where the second file should go: its rename fails
+    with pytest.raises(OSError):
+        replace_files(tmp_path, [("a", b"first"), ("b", b"second"), ("c", b"third")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no .tmp left; a was put in place
+    assert (tmp_path / "a").read_bytes() == b"first"
+    replace_files(tmp_path, [("a", b"again"), ("c", b"third")])
+    assert (tmp_path / "a").read_bytes() == b"again" and (tmp_path / "c").read_bytes() == b"third"

@@ -43,19 +43,29 @@ def replace_files(directory: str | os.PathLike[str], files: Sequence[tuple[str, 
     root = Path(directory)
     temps = [(root / f".{name}.tmp", root / name) for name, _ in files]
     handles = []
+    renamed = 0
     try:
-        for (temp, _), (_, data) in zip(temps, files, strict=True):
-            handle = open(temp, "wb")
-            handles.append(handle)
-            handle.write(data)
-            handle.flush()
-        for handle in handles:
-            os.fsync(handle.fileno())
-    finally:
-        for handle in handles:
-            handle.close()
-    for temp, final in temps:
-        os.replace(temp, final)
+        try:
+            for (temp, _), (_, data) in zip(temps, files, strict=True):
+                handle = open(temp, "wb")
+                handles.append(handle)
+                handle.write(data)
+                handle.flush()
+            for handle in handles:
+                os.fsync(handle.fileno())
+        finally:
+            for handle in handles:
+                handle.close()
+        for temp, final in temps:
+            os.replace(temp, final)
+            renamed += 1
+    except BaseException:
+        for temp, _ in temps[renamed:]:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass  # never created, or already gone
+        raise
     fsync_directory(root)
 
 

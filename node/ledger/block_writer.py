@@ -41,7 +41,7 @@ RETRY_SECONDS = 0.05
 # to writing blocks one at a time). Only the certified copies on disk wait; commits do not.
 LINGER_SECONDS = 0.02
 MAX_BATCH = 64
-KEPT_FOR_SHARED = 1024  # blocks kept in memory for the shared directory; beyond, read back from the store
+KEPT_FOR_SHARED_BYTES = 16 * 1024 * 1024  # kept in memory for the shared directory; beyond, read back from the store
 DIVERGENCE_STRIKES = 3
 STOP_SECONDS = 5.0  # how long stop() waits for queued blocks to reach the disk
 
@@ -59,6 +59,8 @@ class BlockWriter:
         self._last_error_logged = 0.0
         self._queue: deque[tuple[int, bytes]] = deque()
         self._unshared: dict[int, bytes] = {}  # stored, not yet in the shared directory: no read-back
+        self._unshared_bytes = 0
+        self._struck_at: dict[int, float] = {}  # height -> when it last counted a divergence strike
         self._changed = threading.Condition()
         self._stopping = False
         self._store_failing = False
@@ -133,8 +135,11 @@ class BlockWriter:
             with self._changed:
                 for _ in batch:
                     self._queue.popleft()
-            if self.ledger_dir is not None and not self.divergent and len(self._unshared) < KEPT_FOR_SHARED:
-                self._unshared.update(batch)
+            for height, data in batch:  # a failing shared directory (Gluster without quorum) stops this
+                if self.ledger_dir is None or self.divergent or self._unshared_bytes + len(data) > KEPT_FOR_SHARED_BYTES:
+                    break
+                self._unshared[height] = data
+                self._unshared_bytes += len(data)
             self.stored = max(self.stored, batch[-1][0])
 
     def _sync_shared(self) -> None:
@@ -157,7 +162,8 @@ class BlockWriter:
                                                                   f"block {result.height}")
                     break
                 self._strikes.pop(height, None)
-                self._unshared.pop(height, None)
+                self._struck_at.pop(height, None)
+                self._unshared_bytes -= len(self._unshared.pop(height, b""))
                 self.shared_next = height + 1
                 if result.written:
                     created.append((height, data))
@@ -166,10 +172,15 @@ class BlockWriter:
             if failure is None:
                 continue
             if isinstance(failure, LedgerDivergence):
+                now = time.monotonic()
+                if now - self._struck_at.get(failure.height, -RETRY_SECONDS) < RETRY_SECONDS:
+                    return  # strikes count RETRY_SECONDS apart, however often new blocks wake us
+                self._struck_at[failure.height] = now
                 strikes = self._strikes[failure.height] = self._strikes.get(failure.height, 0) + 1
                 if strikes >= DIVERGENCE_STRIKES:
                     self.divergent = True
                     self._unshared.clear()
+                    self._unshared_bytes = 0
                     log.error("LEDGER DIVERGENCE: %s; this node stops writing to %s", failure, self.ledger_dir)
             else:
                 self._log_error(f"shared ledger directory: {failure} (will retry)")

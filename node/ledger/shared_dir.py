@@ -8,7 +8,9 @@ down; the first writer of a height wins and everyone else checks they agree with
 2. `os.link` it to `<height as 12 digits>.block`. A hard link either creates the name, pointing at
    complete and durable bytes, or fails because the name exists: unlike rename, it never replaces a
    file, so no reader ever sees a partial block and no writer ever overwrites another's;
-3. unlink the temporary and fsync the directory, so the new name survives a power cut.
+3. unlink the temporary and fsync the directory, so the new name survives a power cut. A writer
+   that puts several heights at once (`put_block_files`) fsyncs every temporary before the first
+   link and the directory once after the last.
 
 If the name exists, another node wrote that height first: identical bytes are fine; different bytes
 mean divergence or tampering and raise `LedgerDivergence` loudly, leaving the existing file untouched.

@@ -14,6 +14,9 @@ sends its appends while it writes its own copy (Ongaro's thesis §10.2.1; the le
 toward a commit only for what it has persisted, and the single-threaded caller handles no reply
 before step 1 returns). `durable_hard_state` is False when only the commit index moved: that index
 is volatile state in Raft (Figure 2), so it may be written without an fsync of its own.
+A caller may also apply before sending (3 before 2) when the Ready holds no entries and no snapshot:
+everything it commits was persisted by an earlier Ready, and the messages only wait a little longer
+(node/daemon.py does so, so that what applying produces rides with them).
 
 Time is ticks and randomness comes from the injected `random.Random`, so the same inputs always give
 the same outputs; that is what lets the simulator replay a failing seed exactly. This module never
