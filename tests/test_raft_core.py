@@ -669,3 +669,33 @@ def test_a_stable_leader_announces_its_commit_index_at_once_when_asked_and_a_fol
     net.deliver()  # no tick: the announcement alone tells them
     assert all(f.log.committed == leader.log.committed for f in followers)
     assert b"x" in net.committed("n3")
+
+
+@pytest.mark.parametrize("mode", [STABLE, ON_DEMAND])
+def test_what_a_new_leader_proposes_before_its_first_ready_rides_in_its_first_append(mode):
+    # An on-demand election is triggered by a request: the new leader's no-op and the entry that
+    # request leads to go to the followers in one append (one replication round trip), not the
+    # no-op alone with the next entry held back until the followers answer it.
+    net = Net(mode=mode)
+    candidate = net.nodes["n1"]
+    candidate.campaign()
+    net.process("n1")
+    # As the node daemon does: a batch of messages is stepped, then the appliers propose
+    # (after_input), and only then is the Ready taken.
+    while candidate.role is not Role.LEADER:
+        message = net.queue.popleft()
+        if message.to == "n1":
+            candidate.step(message)
+        else:
+            net.nodes[message.to].step(message)
+            net.process(message.to)
+    candidate.propose(b"placement")
+    net.process("n1")
+    appends = [m for m in net.queue if m.type is MessageType.APPEND and m.from_ == "n1"]
+    assert {m.to for m in appends} == {"n2", "n3"}
+    for append in appends:
+        assert [e.kind for e in append.entries] == [EntryKind.NOOP, EntryKind.NORMAL]
+        assert append.entries[-1].data == b"placement"
+    net.deliver()  # one round trip: the followers' answers commit both
+    assert b"placement" in net.committed("n1")
+    assert all(net.nodes[f].log.last_index() == candidate.log.last_index() for f in ("n2", "n3"))

@@ -221,6 +221,7 @@ class RaftNode:
         self.votes: dict[str, bool] = {}
         self._rejecter_logs: dict[str, tuple[int, int]] = {}
         self._awaiting_loads = False
+        self._first_broadcast_due = False  # a new leader's first appends wait for the next ready()
         self._forward_elapsed = 0
         self.loads: dict[str, float] = {}
         self.load = 0.0
@@ -400,11 +401,15 @@ class RaftNode:
         return list(self._events)
 
     def has_ready(self) -> bool:
-        return bool(self._msgs or self._read_states or self._events or self._snapshot_to_save
+        return bool(self._msgs or self._read_states or self._events or self._snapshot_to_save or self._first_broadcast_due
                     or self.log.unstable_entries() or self.log.to_apply() or self._hard_state_changed())
 
     def ready(self) -> Ready:
         """Everything to persist, send and apply since the last call (see the module docstring)."""
+        if self._first_broadcast_due:
+            if self.role is Role.LEADER:
+                self._broadcast_append()
+            self._first_broadcast_due = False
         ready = Ready()
         before = self._saved_hard_state
         if self._hard_state_changed():
@@ -618,7 +623,11 @@ class RaftNode:
         self._awaiting_loads = self.config.mode == ON_DEMAND and not self.voters <= self.votes.keys()
         if not self._awaiting_loads:
             self._decide_queued(broadcast=False)
-        self._broadcast_append()
+        # The first appends (the no-op) leave with the next ready(), not now: what the caller proposes
+        # in between (the on-demand placement that triggered this election) rides in the same append.
+        # Sent now, the followers would each be probed with the no-op alone, and the next entry
+        # would wait for that answer: two replication round trips instead of one.
+        self._first_broadcast_due = True
 
     # ------------------------------------------------------------- replication
 
@@ -657,6 +666,7 @@ class RaftNode:
         self._trim_decided()
 
     def _broadcast_append(self) -> None:
+        self._first_broadcast_due = False
         for peer in sorted(self.progress):
             if peer != self.id:
                 self._send_append(peer)
