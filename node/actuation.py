@@ -175,8 +175,9 @@ class Actuation:
         now_ms = time.time() * 1000
         horizon = now_ms - MAX_AGE_SECONDS * 1000
         self.to_send = [p for p in self.to_send if p.time_ms > horizon]
-        while self.unsent and self.unsent[0].time_ms <= horizon:
-            self.unsent.popleft()
+        # All of them, not only the head: after a leader change (clocks apart) a stale one may sit
+        # behind a fresher one.
+        self.unsent = deque(p for p in self.unsent if p.time_ms > horizon)
         for command_id, since in list(self.due_since.items()):
             if since <= horizon:
                 log.warning("command %s to %s dropped: not committed within %.0f s of its trigger", command_id,

@@ -197,3 +197,32 @@ def test_replace_files_leaves_no_temporary_when_a_rename_fails(tmp_path: Path):
     assert (tmp_path / "a").read_bytes() == b"first"
     replace_files(tmp_path, [("a", b"again"), ("c", b"third")])
     assert (tmp_path / "a").read_bytes() == b"again" and (tmp_path / "c").read_bytes() == b"third"
+
+
+def test_a_writer_whose_directory_fsync_failed_still_speaks_for_the_files_it_linked(
+        dirs, monkeypatch: pytest.MonkeyPatch, caplog):
+    # The links were made, the directory fsync failed: a retry finds the names already there, but
+    # no other node created them, so unless this writer speaks for them nobody publishes them.
+    from tomq.node.ledger import shared_dir
+
+    store, shared = dirs
+    real_fsync = shared_dir.fsync_directory
+    failures = [OSError(5, "Input/output error")]
+
+    def fsync_once_failing(directory: Path) -> None:
+        if failures:
+            raise failures.pop()
+        real_fsync(directory)
+
+    monkeypatch.setattr(shared_dir, "fsync_directory", fsync_once_failing)
+    spoken = Spoken()
+    writer = BlockWriter(store, shared, stored=-1, speak=spoken)
+    writer.start()
+    try:
+        writer.put(0, block_bytes(0))
+        writer.put(1, block_bytes(1))
+        assert wait_until(lambda: writer.shared_next == 2)
+        assert "durable" in caplog.text and not failures  # the failure happened, and was retried
+        assert spoken.heights == [0, 1]
+    finally:
+        writer.stop()

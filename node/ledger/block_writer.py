@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tomq.durable import replace_files
 from tomq.node.ledger.block import block_file_name
-from tomq.node.ledger.shared_dir import LedgerDivergence, put_block_files
+from tomq.node.ledger.shared_dir import LedgerDivergence, SharedLedgerError, put_block_files
 
 log = logging.getLogger("tomq.ledger")
 
@@ -61,6 +61,7 @@ class BlockWriter:
         self._unshared: dict[int, bytes] = {}  # stored, not yet in the shared directory: no read-back
         self._unshared_bytes = 0
         self._struck_at: dict[int, float] = {}  # height -> when it last counted a divergence strike
+        self._linked_unconfirmed: set[int] = set()  # linked by us, directory fsync failed: ours to speak for
         self._changed = threading.Condition()
         self._stopping = False
         self._store_failing = False
@@ -165,7 +166,8 @@ class BlockWriter:
                 self._struck_at.pop(height, None)
                 self._unshared_bytes -= len(self._unshared.pop(height, b""))
                 self.shared_next = height + 1
-                if result.written:
+                if result.written or height in self._linked_unconfirmed:
+                    self._linked_unconfirmed.discard(height)
                     created.append((height, data))
             if created:
                 self.speak(created)
@@ -183,6 +185,8 @@ class BlockWriter:
                     self._unshared_bytes = 0
                     log.error("LEDGER DIVERGENCE: %s; this node stops writing to %s", failure, self.ledger_dir)
             else:
+                if isinstance(failure, SharedLedgerError):
+                    self._linked_unconfirmed.update(failure.linked)
                 self._log_error(f"shared ledger directory: {failure} (will retry)")
             return
 

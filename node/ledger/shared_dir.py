@@ -47,7 +47,14 @@ class LedgerDivergence(PeerError):
 
 
 class SharedLedgerError(TomqError):
-    """The shared ledger directory could not be written (disk full, unmounted, no hard links...)."""
+    """The shared ledger directory could not be written (disk full, unmounted, no hard links...).
+
+    `linked`: heights whose names this call did create before it failed (their directory was not
+    fsynced): found again on a retry, they are still this writer's to speak for."""
+
+    def __init__(self, message: str, linked: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.linked = linked
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +141,9 @@ def put_block_files(directory: str | os.PathLike[str],
         try:
             fsync_directory(root)  # the new names survive a power cut
         except OSError as exc:
-            return [], SharedLedgerError(f"cannot make the new block files in {root} durable: {exc.strerror or exc}")
+            created = tuple(result.height for result in results if result.written)
+            return [], SharedLedgerError(f"cannot make the new block files in {root} durable: {exc.strerror or exc}",
+                                         linked=created)
     return results, failure
 
 
