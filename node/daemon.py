@@ -264,23 +264,24 @@ class NodeDaemon:
             apply_first = overlap and ready.restore is None and all(
                 entry.index <= self._durable_index for entry in ready.committed)
             # With nothing new to replicate, what goes out only tells the followers the commit index
-            # (a leader), or answers a heartbeat (a follower): apply first, so the audit lines (what
-            # clients wait for) leave before those notices, and a follower's signatures of what it
+            # (a leader), or answers a heartbeat (a follower): apply before sending, so the audit lines
+            # (what clients wait for) leave before those notices, and a follower's signatures of what it
             # just applied ride with its answer instead of waiting a heartbeat for the next one.
-            apply_now = not ready.entries and ready.snapshot is None and (
-                apply_first or (not overlap and ready.restore is None))
-            applied = apply_now
-            if apply_now:
+            if not ready.entries and ready.snapshot is None and (
+                    apply_first or (not overlap and ready.restore is None)):
+                apply_at = "before-send"
+            else:
+                apply_at = "after-send" if apply_first else "last"
+            if apply_at == "before-send":
                 self._apply(ready)
             extras = self.applier.extras_for_peers(self._peers(), {m.to for m in ready.messages})
             if ready.messages or extras:
                 self.transport.send(ready.messages, extras)
-            if apply_first and not applied:
+            if apply_at == "after-send":
                 self._apply(ready)
-                applied = True
             if overlap:
                 self._persist(ready)  # the core allows a leader's appends to go out first
-            if not applied:
+            if apply_at == "last":
                 self._apply(ready)
             self._maybe_compact()
         # What the applier has for everyone (its periodic gossip) goes out without waiting for a message.

@@ -24,13 +24,7 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
 def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically put `data` at `path`: write a hidden temp file, fsync it, rename, fsync the directory."""
     final = Path(path)
-    temp = final.with_name(f".{final.name}.tmp")  # a dot-file: never mistaken for the real thing
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, final)
-    fsync_directory(final.parent)
+    replace_files(final.parent, [(final.name, data)])
 
 
 def replace_files(directory: str | os.PathLike[str], files: Sequence[tuple[str, bytes]]) -> None:
@@ -41,7 +35,7 @@ def replace_files(directory: str | os.PathLike[str], files: Sequence[tuple[str, 
     still fsynced and renamed on its own, so each is atomic and durable on any filesystem.
     """
     root = Path(directory)
-    temps = [(root / f".{name}.tmp", root / name) for name, _ in files]
+    temps = [(root / f".{name}.tmp", root / name) for name, _ in files]  # dot-files: never mistaken for the real thing
     handles = []
     renamed = 0
     try:
