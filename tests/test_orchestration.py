@@ -371,6 +371,20 @@ def test_an_operator_moves_a_replica_and_the_ledger_names_the_node_it_left(orche
                 if r.state == ORCH and "replaces" in r.structure.reason]  # type: ignore[union-attr]
 
     assert wait_until(lambda: moves() == [{"node": before, "why": "moved by the operator"}], 10), moves()
+
+    # Break before make, on the ledger: the old node's container is recorded as gone before the new one starts.
+    def containers() -> list[tuple[str, str]]:
+        return [(r.state, r.structure.object) for _, r, _ in orchestrated.ledger_records()
+                if isinstance(r.structure, records.Identity) and r.structure.kind == "container"]
+
+    assert wait_until(lambda: any(state == ID_CREATE and name.startswith(f"mover:0:{target}:")
+                                  for state, name in containers()), 10), containers()
+    events = containers()
+    old_gone = next(i for i, (state, name) in enumerate(events)
+                    if state == ID_DELETE and name.startswith(f"mover:0:{before}:"))
+    new_made = next(i for i, (state, name) in enumerate(events)
+                    if state == ID_CREATE and name.startswith(f"mover:0:{target}:"))
+    assert old_gone < new_made, events
     bad = orchestrated.tomq("move", str(orchestrated.directory), "mover")
     assert bad.returncode != 0 and "must be SERVICE:REPLICA" in bad.stderr
 

@@ -15,6 +15,9 @@ Three duties, all driven by the node loop (never by a thread of their own):
 3. Every node carries out what is committed for it: the worker thread (instances.py) starts the
    replicas the ledger assigns to this node and stops the rest; each started instance is recorded as
    a container (PROV-ID-create, attributed to this node), each stopped one as PROV-ID-delete.
+   A replica moved away from a live node starts here only once that node's container of it is
+   recorded as gone (or after HANDOVER_SECONDS): break before make, so the ledger itself shows a
+   replica never ran on two nodes at once.
 
 The rule that orders these: nothing starts before its PROV-ORCH record is committed, and the
 retained `orch/placement/<service>` (published by the leader) only ever shows committed placements.
@@ -67,6 +70,9 @@ log = logging.getLogger("tomq.orchestrator")
 RETRY_SECONDS = 3.0  # a proposed record not committed by then is proposed again (or planned again)
 LEAD_SECONDS = 0.2  # how often an idle leader plans (a dead node is noticed within this of dead_after)
 SAMPLE_SECONDS = 0.5  # how often the resource monitor samples (it smooths over seconds anyway)
+# How long a node waits for a live node's instance of a replica moved here to stop before starting its
+# own anyway: the runtimes' stop grace period (5 s) plus the worker's period and a commit.
+HANDOVER_SECONDS = 10.0
 REQUEST_KEEP_SECONDS = 600.0  # how long a node remembers a request whose effect it has not seen
 
 
@@ -133,6 +139,9 @@ class Orchestrator:
         self.placement_prefix = f"{node.topics.root}/orch/placement/"
         self.was_leader = False
         self.dirty = True  # the state changed since the last reconcile
+        # (service, replica, height) placed here but still recorded as running on a live node ->
+        # (since when, monotonic; whether we gave up waiting and said so)
+        self.handovers: dict[tuple[str, int, int], tuple[float, bool]] = {}
         self.caught_up = False
         self.last_lead = 0.0
         self.catch_up_to: int | None = None
@@ -427,8 +436,8 @@ class Orchestrator:
         for name in self.node.node_names:
             if name == self.node.name or not self.state_joined_node(name):
                 continue
-            received, report = self.node.peer_reports.get(name, (0.0, {}))
-            alive = now - max(received, self.last_contact.get(name, 0.0)) < self.dead_after
+            _, report = self.node.peer_reports.get(name, (0.0, {}))
+            alive = self._alive(name, now)
             cpu, memory = _fraction(report.get("cpu")), _fraction(report.get("memory"))
             voted = self.node.raft.loads.get(name)
             if self.node.options.mode == "on-demand" and voted is not None:
@@ -505,10 +514,22 @@ class Orchestrator:
         if self.worker is None or not self._caught_up():
             return
         desired: dict[tuple[str, int], Desired] = {}
+        now = time.time()
+        waiting: dict[tuple[str, int, int], tuple[float, bool]] = {}
         for assignment in self.state.table.on_node(self.node.name):
             spec = self.state.specs.get(assignment.service)
             if spec is None:
                 continue
+            key = (assignment.service, assignment.replica, assignment.height)
+            holder = self._handover_holder(assignment.service, assignment.replica, assignment.height, now)
+            if holder is not None:
+                since, warned = waiting[key] = self.handovers.get(key, (time.monotonic(), False))
+                if time.monotonic() - since < HANDOVER_SECONDS:
+                    continue
+                if not warned:
+                    log.warning("starting %s:%s although %s has not recorded its instance as stopped after %.0f s",
+                                assignment.service, assignment.replica, holder, HANDOVER_SECONDS)
+                    waiting[key] = (since, True)
             instance_spec = InstanceSpec(
                 cluster=self.node.cluster.name, service=assignment.service, replica=assignment.replica,
                 node=self.node.name, height=assignment.height, image=spec.image,
@@ -519,7 +540,27 @@ class Orchestrator:
             desired[(assignment.service, assignment.replica)] = Desired(
                 instance_spec, functools.partial(self._instance_files, assignment.service, assignment.replica,
                                                  assignment.height, spec))
+        self.handovers = waiting
         self.worker.want(desired)
+
+    def _handover_holder(self, service: str, replica: int, height: int, now: float) -> str | None:
+        """The live node whose instance of this replica must stop before ours starts, or None.
+
+        Ours may already run (it started, or an earlier run of this node started it): then it stays.
+        A node that stopped answering holds nothing; its instance fences itself on the placement.
+        """
+        if any(i.service == service and i.replica == replica and i.height == height and i.running
+               for i in self.instances):
+            return None
+        for info in self.state.containers.values():
+            if (info.service, info.replica) == (service, replica) and info.node != self.node.name \
+                    and self._alive(info.node, now):
+                return info.node
+        return None
+
+    def _alive(self, name: str, now: float) -> bool:
+        received, _ = self.node.peer_reports.get(name, (0.0, {}))
+        return now - max(received, self.last_contact.get(name, 0.0)) < self.dead_after
 
     def _instance_files(self, service: str, replica: int, height: int, spec: ServiceSpec) -> dict[str, bytes]:
         """What an instance needs to be its service: identity, trust, broker, spec (runs on the worker)."""
