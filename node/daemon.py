@@ -26,7 +26,7 @@ from tomq import canonical, cluster
 from tomq.errors import EnvelopeRejected, ReplayedEnvelope
 from tomq.mqtt import MqttLink
 from tomq.node.metrics import NodeMetrics
-from tomq.node.raft.core import PhaseEvent, ProposalDropped, RaftConfig, RaftNode, Ready
+from tomq.node.raft.core import PhaseEvent, ProposalDropped, RaftConfig, RaftNode, Ready, Role
 from tomq.node.raft.messages import Message
 from tomq.node.raft.storage import FileStorage
 from tomq.node.raft.transport import RaftTransport
@@ -122,6 +122,7 @@ class NodeDaemon:
         self._durable_index = (loaded.entries[-1].index if loaded.entries
                                else loaded.snapshot.meta.index if loaded.snapshot else 0)
         self.inbox: deque[tuple[Any, ...]] = deque()  # appended to by any thread, taken by the loop
+        self._raft_inbox_prefix = f"{self.topics.root}/node/{self.name}/raft/"
         self.watermarks = FileWatermarks(self.data_dir / "watermarks")
         self.counter = SequenceCounter(self.data_dir / "sequence")
         # One sequence for every record and command this node seals (orchestrator, device presence,
@@ -161,13 +162,19 @@ class NodeDaemon:
     # ------------------------------------------------------------ inputs (MQTT: inside link.pump on the loop)
 
     def _on_mqtt(self, topic: str, payload: bytes, retained: bool) -> None:
-        if topic.startswith(f"{self.topics.root}/node/{self.name}/raft/"):
-            self.transport.handle(topic, payload)
+        # Raft batches are opened (their signature checked) when the loop takes them, not here: a
+        # leader that reads two acknowledgements in one pump commits on the first before checking
+        # the second (see run()).
+        if topic.startswith(self._raft_inbox_prefix):
+            self.inbox.append(("raft", topic, payload))
         else:
             self.inbox.append(("mqtt", topic, payload, retained))
 
     def _on_batch(self, sender: str, messages: list[Message], extras: dict[str, Any]) -> None:
-        self.inbox.append(("batch", sender, messages, extras))
+        for message in messages:
+            self.raft.step(message)
+        if extras:
+            self.applier.on_extras(sender, extras)
 
     def call(self, function: Callable[[], Any]) -> None:
         """Run `function` on the loop's thread (the only thread allowed to touch the core)."""
@@ -203,13 +210,18 @@ class NodeDaemon:
                 # it goes now, not when the next message or tick happens to come.
                 busy = self.inbox or self.applier.has_work()
                 self.link.pump(0.0 if busy else max(0.0, next_tick - time.monotonic()))
-                # Drain what is waiting before handling Ready: one fsync for the whole batch.
+                # Drain what is waiting before handling Ready: one fsync for the whole batch. But a
+                # leader whose commit index just moved applies at once (the audit lines clients wait
+                # for leave first); the rest waits for the next turn, a pump that does not block.
+                committed = self.raft.log.committed
                 for _ in range(1001):
                     try:
                         item = self.inbox.popleft()
                     except IndexError:
                         break
                     self._handle(item)
+                    if self.raft.log.committed != committed and self.raft.role is Role.LEADER:
+                        break
                 self.applier.after_input(self)
                 now = time.monotonic()
                 if now >= next_tick:
@@ -236,12 +248,8 @@ class NodeDaemon:
 
     def _handle(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
-        if kind == "batch":
-            _, sender, messages, extras = item
-            for message in messages:
-                self.raft.step(message)
-            if extras:
-                self.applier.on_extras(sender, extras)
+        if kind == "raft":
+            self.transport.handle(item[1], item[2])  # checks it; calls _on_batch if it passes
         elif kind == "mqtt":
             if item[1].endswith("/load") and item[1].startswith(f"{self.topics.root}/node/"):
                 self._on_load_report(item[1], item[2])
