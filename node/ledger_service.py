@@ -122,6 +122,9 @@ class LedgerService:
         self.tentative_head = b""
         self.tentative_state: pattern.PatternState | None = None
         self.tentative_seqs: dict[str, int] = {}
+        # Block files this leader made and signed (height -> bytes, decoded), until applied: applying one
+        # needs neither decoding it again nor checking our own signature (a tenth of a millisecond).
+        self.made: dict[int, tuple[bytes, BlockFile]] = {}
         self.cert_in_flight = -1
         self.certify_urgently = -1  # blocks up to here: certify as soon as a majority has signed
         # Certified block files someone asked to keep (an actuator command's authority), by height:
@@ -456,6 +459,7 @@ class LedgerService:
             self.pending.clear()
             self.pending_ids.clear()
             self.early.clear()
+            self.made.clear()
             self.tentative_state = None
         if leader != self.was_leader:
             self._sync_proposal_subscriptions()  # now, not at the next tick: proposals go to the leader only
@@ -555,7 +559,8 @@ class LedgerService:
         block = make_block(height=height, prev=self.tentative_head, term=self.node.raft.term,
                            time_ms=int(time.time() * 1000), proposer=self.node.key.id,
                            records=[p.envelope for p in batch])
-        block_file = encode_block_file(BlockFile(block, sign_block(self.node.key, block), {}))
+        made = BlockFile(block, sign_block(self.node.key, block), {})
+        block_file = encode_block_file(made)
         entry: dict[str, Any] = {"t": "block", "file": block_file}
         certs = self._ready_certificates()
         if certs:
@@ -565,6 +570,8 @@ class LedgerService:
             return
         if certs:
             self.cert_in_flight = certs[-1][0]
+        if len(self.made) < 4 * MAX_BLOCKS_IN_FLIGHT:  # bounded, whatever happens to what we proposed
+            self.made[height] = (block_file, made)
         for item in batch:
             self.pending_ids.discard((item.proposer_id, item.seq))
             self.received_at[(item.proposer_id, item.seq)] = item.received
@@ -605,13 +612,14 @@ class LedgerService:
     # ------------------------------------------------------------------ every node: apply
 
     def _check_and_account(self, height: int, data: bytes, *, committed: bool = False,
-                           decoded: BlockFile | None = None) -> BlockFile:
+                           decoded: BlockFile | None = None, signed_here: bool = False) -> BlockFile:
         """Check a block as an auditor would, learn its proposers' sequence numbers, tell the listeners.
 
         `committed`: it was just committed; if we lead, its audit lines (the records are committed: a
         majority holds them) go out before the listeners (orchestrator, actuation) act on it.
         """
-        block_file = self.verifier.add(height, data, require_certificate=False, decoded=decoded)
+        block_file = self.verifier.add(height, data, require_certificate=False, decoded=decoded,
+                                       signed_here=signed_here)
         self._account_seqs()
         if committed and self._is_leader():
             self._publish_audit(height, block_file)
@@ -644,8 +652,12 @@ class LedgerService:
 
     def _apply_block(self, entry: Entry, data: bytes) -> None:
         self.apply_started = time.monotonic()  # listeners time how long checking a block takes
+        ours = self.made.pop(self.verifier.height + 1, None)
+        made = ours[1] if ours is not None and ours[0] == data else None
+        for stale in [h for h in self.made if h <= self.verifier.height + 1]:
+            del self.made[stale]  # proposed, then replaced by another block at that height
         try:
-            decoded = decode_block_file(data)
+            decoded = made if made is not None else decode_block_file(data)
         except PeerError as exc:
             log.warning("skipping entry %s: %s", entry.index, exc)
             return
@@ -653,7 +665,8 @@ class LedgerService:
         if header.height <= self.verifier.height:
             return  # re-applied after a restart: the store already has it
         try:
-            block_file = self._check_and_account(header.height, data, committed=True, decoded=decoded)
+            block_file = self._check_and_account(header.height, data, committed=True, decoded=decoded,
+                                                 signed_here=made is not None)
         except LedgerInvalid as exc:
             # Deterministic: every node reaches the same verdict on the same committed bytes.
             self.verifier = self.verifier.reset_failure()

@@ -529,3 +529,30 @@ def test_cli_registers_under_an_existing_parser():
     assert (args.command, args.ledger_command, args.path) == ("ledger", "verify", "some/dir")
     assert callable(args.run)
     assert parser.parse_args(["ledger", "tail"]).ledger_command == "tail"
+
+
+def test_only_a_block_made_here_skips_the_proposer_signature_check(builder: LedgerBuilder):
+    """A leader applying its own block (signed_here with its decoded copy) does not check its own
+    signature again; bytes from anywhere else always are checked, whatever the caller claims."""
+    genesis = builder.genesis()
+    n1, n2 = builder.keys["n1"], builder.keys["n2"]
+    block = make_block(height=1, prev=builder.prev, term=1, time_ms=START_MS + 1000, proposer=n1.id,
+                       records=[builder.seal("n1", identity(ID_CREATE, "s1", "device", builder.cert("s1")))])
+    forged = BlockFile(block, sign_block(n2, block), {})  # n1's block, n2's signature
+    data = encode_block_file(forged)
+
+    def verifier() -> ChainVerifier:
+        chain = ChainVerifier(builder.cluster.operator)
+        chain.add(0, genesis)
+        return chain
+
+    with pytest.raises(LedgerInvalid, match="proposer signature of n1 .* does not verify"):
+        verifier().add(1, data, require_certificate=False)
+    with pytest.raises(LedgerInvalid, match="proposer signature of n1 .* does not verify"):
+        verifier().add(1, data, require_certificate=False, signed_here=True)  # no decoded copy: checked
+    assert verifier().add(1, data, require_certificate=False, decoded=forged, signed_here=True).block.height == 1
+    with pytest.raises(LedgerInvalid, match="prev"):  # everything but our own signature is still checked
+        wrong_prev = make_block(height=1, prev=b"\1" * 32, term=1, time_ms=START_MS + 1000, proposer=n1.id,
+                                records=block.records)
+        mine = BlockFile(wrong_prev, sign_block(n1, wrong_prev), {})
+        verifier().add(1, encode_block_file(mine), require_certificate=False, decoded=mine, signed_here=True)

@@ -235,18 +235,20 @@ class ChainVerifier:
         self.last_certifiers: Certifiers | None = None  # who may certify the block `add` last checked
 
     def add(self, height: int, data: bytes, *, require_certificate: bool = True,
-            decoded: BlockFile | None = None) -> BlockFile:
+            decoded: BlockFile | None = None, signed_here: bool = False) -> BlockFile:
         """Check the block file `data` found at `height`; return it decoded, or raise LedgerInvalid.
 
         With require_certificate=False the commit certificate is not checked (a node checks a block
         before it is certified); everything else is. `decoded`: what `decode_block_file(data)` has
         just returned to the caller (a node reads the height first), so it is not decoded twice.
+        `signed_here`: `decoded` is the block this process made and signed (a leader applying its own
+        block): the proposer's signature is ours and is not checked again; everything else is.
         """
         if self._failed is not None:
             raise self._failed
         self._trust_checkpoint = None
         try:
-            block_file = self._add(height, data, require_certificate, decoded)
+            block_file = self._add(height, data, require_certificate, decoded, signed_here)
         except LedgerInvalid as exc:
             self.watermarks.discard()
             if self._trust_checkpoint is not None:
@@ -280,7 +282,8 @@ class ChainVerifier:
             data_left=len(self.state.left_data()),
         )
 
-    def _add(self, height: int, data: bytes, require_certificate: bool, decoded: BlockFile | None) -> BlockFile:
+    def _add(self, height: int, data: bytes, require_certificate: bool, decoded: BlockFile | None,
+             signed_here: bool) -> BlockFile:
         def fail(reason: str) -> LedgerInvalid:
             return LedgerInvalid(height, reason)
 
@@ -312,7 +315,8 @@ class ChainVerifier:
             raise fail(f"proposer {block.proposer} is not a node joined at this height ({', '.join(joined_nodes) or 'none'})")
         if not proposer.certificate.is_valid_at(now):
             raise fail(f"certificate of proposer {proposer.name} is not valid at the block's time ({block.time_ms} ms)")
-        if not verify_block_signature(proposer.certificate.subject, digest, block_file.proposer_signature):
+        if not (signed_here and decoded is not None) and \
+                not verify_block_signature(proposer.certificate.subject, digest, block_file.proposer_signature):
             raise fail(f"proposer signature of {proposer.name} ({block.proposer}) does not verify")
 
         certifiers = Certifiers(signers, 1 if height == 0 else len(joined_nodes), block.time_ms)
