@@ -59,6 +59,7 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 from prometheus_client import CollectorRegistry, Counter
 
+from tomq.broker.amqtt_broadcast import DirectBroadcast
 from tomq.broker.policy import Policy, load_policy
 from tomq.refusals import Refusals
 
@@ -214,7 +215,7 @@ class _SnapshotDict(dict[str, Any]):
         return list(super().items())
 
 
-class TomqBroker(Broker):
+class TomqBroker(DirectBroadcast, Broker):
     """amqtt's Broker with the delivery and session paths that bypass the plugins closed.
 
     The overridden methods are private to amqtt 0.12.1; each override says what it changes.
@@ -223,7 +224,7 @@ class TomqBroker(Broker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._replays: set[asyncio.Future[Any]] = set()  # queued messages on their way: keep them alive
-        table: dict[str, Any] = self._subscriptions  # type: ignore[has-type]
+        table: dict[str, Any] = self._subscriptions
         self._subscriptions = _SnapshotDict(table)
 
     def _access(self) -> TomqAccessPlugin | None:
@@ -235,10 +236,15 @@ class TomqBroker(Broker):
         below, not through amqtt's plugin round trip: that costs a task per plugin per delivery, and
         under a 5,000-record burst it (with a stat() of the policy files in each) was the broker's
         whole core; messages queued for seconds and Raft heartbeats with them. Publishes and
-        subscribes still go through the plugin, which names and counts refusals."""
+        subscribes still go through the plugin, which names and counts refusals, but are asked of it
+        directly: it is the only topic plugin this broker is configured with (embedded.py), and
+        amqtt's round trip schedules a task per plugin for every publish."""
         if action == Action.RECEIVE:
             return self._may_receive(session, topic)
-        return bool(await super()._topic_filtering(session, topic, action))
+        plugin = self._access()
+        if plugin is None:
+            return bool(await super()._topic_filtering(session, topic, action))
+        return bool(await plugin.topic_filtering(session=session, topic=topic, action=action))
 
     def _may_receive(self, session: Session, topic: str) -> bool:
         plugin = self._access()
