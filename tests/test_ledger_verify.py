@@ -546,9 +546,9 @@ def test_only_a_block_made_here_skips_the_proposer_signature_check(builder: Ledg
         chain.add(0, genesis)
         return chain
 
-    with pytest.raises(LedgerInvalid, match="proposer signature of n1 .* does not verify"):
+    with pytest.raises(LedgerInvalid, match=r"proposer signature of n1 .* does not verify"):
         verifier().add(1, data, require_certificate=False)
-    with pytest.raises(LedgerInvalid, match="proposer signature of n1 .* does not verify"):
+    with pytest.raises(LedgerInvalid, match=r"proposer signature of n1 .* does not verify"):
         verifier().add(1, data, require_certificate=False, signed_here=True)  # no decoded copy: checked
     assert verifier().add(1, data, require_certificate=False, decoded=forged, signed_here=True).block.height == 1
     with pytest.raises(LedgerInvalid, match="prev"):  # everything but our own signature is still checked
