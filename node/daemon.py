@@ -240,6 +240,11 @@ class NodeDaemon:
                     if next_tick < now:  # we were stalled (SIGSTOP, a slow disk): do not burst ticks
                         next_tick = now + self.options.tick_seconds
                 self.process_ready()
+                if self.applier.has_work():
+                    # What was just applied left work (a committed placement to publish, a command
+                    # to send): do it before reading more messages, which took 1-3 ms per turn.
+                    self.applier.after_input(self)
+                    self.process_ready()
         finally:
             self.applier.close()  # e.g. the orchestrator's worker thread; instances outlive the node
             self.link.stop()

@@ -274,19 +274,21 @@ class Orchestrator:
             self.published.clear()  # a new leader checks every placement against what is retained
             self.plan_in_flight.clear()
         self.was_leader = leader
+        if self.dirty and leader:
+            # What just committed goes out before this turn plans anything: a client waits for the
+            # retained placement, and planning over every deployed service takes milliseconds.
+            self._publish_placements()
         now = time.time()
         # Planning reads every node's view: on news (a request, a changed state), else a few times a
         # second (to notice a node that stopped answering), not on every input batch.
         if leader and (self.dirty or self.requests or now - self.last_lead >= LEAD_SECONDS):
             self.last_lead = now
             self._lead(now)
-            ledger.cut_block()  # what it proposed replicates while we reconcile and publish below
+            ledger.cut_block()  # what it proposed replicates while we reconcile below
         if self.dirty:
             self.dirty = False
             self.last_reconcile = time.time()
             self._reconcile_instances()
-            if leader:
-                self._publish_placements()
 
     # ------------------------------------------------------------------ leader
 
