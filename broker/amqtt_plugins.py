@@ -124,6 +124,7 @@ class PolicySource:
 
 RELOAD_CHECK_SECONDS = 0.5  # how stale the policy may be after `tomq device add`
 RECEIVE_CACHE_SECONDS = 1.0  # how long a delivery decision is reused (a certificate may expire meanwhile)
+STOP_RETRY_SECONDS = 0.2  # how often a client's reader is cancelled again while its handler stops
 
 _sources: dict[Path, PolicySource] = {}
 _sources_lock = threading.Lock()
@@ -311,6 +312,25 @@ class TomqBroker(DirectBroadcast, Broker):
         if client_session.keep_alive > 0 and isinstance(timeout_disconnect_delay, int):
             client_session.keep_alive += timeout_disconnect_delay
         return handler, client_session
+
+    async def _stop_handler(self, handler: BrokerProtocolHandler) -> None:
+        """Stop a client's handler, cancelling its reader until it has really ended.
+
+        amqtt 0.12.1 cancels the reader task once and waits for it without a limit. The reader sits
+        in asyncio.wait_for, which on Python 3.11 can swallow a cancellation that arrives as a packet
+        has just been read (CPython gh-86296); the reader then reads on and the wait never ends. A
+        broker stopped while 2,000 messages were in flight hung in shutdown for good.
+        """
+        stopping = asyncio.ensure_future(handler.stop())
+        while not stopping.done():
+            await asyncio.wait({stopping}, timeout=STOP_RETRY_SECONDS)
+            reader = getattr(handler, "_reader_task", None)
+            if not stopping.done() and reader is not None and not reader.done():
+                reader.cancel()
+        try:
+            stopping.result()
+        except asyncio.QueueEmpty:  # as amqtt: a failure to stop one handler must not stop the broker
+            log.exception("failed to stop a client handler")
 
     async def _refuse_before_session(self, incoming: Session) -> str | None:
         if not await self._authenticate(incoming, None):

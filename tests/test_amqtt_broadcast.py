@@ -1,6 +1,6 @@
 """The embedded broker's own broadcast loop (broker/amqtt_broadcast.py): every subscriber gets every
-message of a burst once, in order, and only on the topics it holds; the broker stops at once once
-its readers have left, with messages still in flight."""
+message of a burst once, in order, and only on the topics it holds; the broker stops at once with
+its readers connected and a burst still in flight."""
 
 from __future__ import annotations
 
@@ -66,12 +66,14 @@ def test_a_burst_reaches_every_reader_in_order(tmp_path: Path):
         assert at_node[raft] == [b"raft " + payload for payload in wanted]
         assert set(at_sensor) == {audit}  # the Raft messages went to n2 alone
 
-        for payload in wanted[:200]:  # still on their way when the readers leave
+        for payload in wanted:  # still on their way while the broker stops
             publisher.publish(audit, payload, qos=0)
+        started = time.monotonic()
+        broker.stop()  # raises if the broker's thread does not end within 10 s
+        # amqtt 0.12.1 on Python 3.11 could hang here for good (TomqBroker._stop_handler)
+        assert time.monotonic() - started < 3.0
     finally:
         for client in clients:
             client.loop_stop()
             client.disconnect()
-        started = time.monotonic()
-        broker.stop()  # raises if the broker's thread does not end
-    assert time.monotonic() - started < 3.0  # the loop is cancelled, not waited for
+        broker.stop()
