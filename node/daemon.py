@@ -254,7 +254,10 @@ class NodeDaemon:
     def _handle(self, item: tuple[Any, ...]) -> None:
         kind = item[0]
         if kind == "raft":
-            self.transport.handle(item[1], item[2])  # checks it; calls _on_batch if it passes
+            try:
+                self.transport.handle(item[1], item[2])  # checks it; calls _on_batch if it passes
+            except Exception:  # as inside MqttLink's callback guard, where this ran before: drop it, go on
+                log.exception("a raft batch on %s could not be handled", item[1])
         elif kind == "mqtt":
             if item[1].endswith("/load") and item[1].startswith(f"{self.topics.root}/node/"):
                 self._on_load_report(item[1], item[2])

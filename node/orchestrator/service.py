@@ -54,7 +54,12 @@ from tomq.node.orchestrator.placement import (
 )
 from tomq.node.orchestrator.requests import OrchRequest, open_request
 from tomq.node.orchestrator.spec import ServiceSpec
-from tomq.node.orchestrator.state import AppliedRecord, OrchestrationState, container_name
+from tomq.node.orchestrator.state import (
+    AppliedRecord,
+    OrchestrationState,
+    container_name,
+    parse_container_name,
+)
 from tomq.node.orchestrator.timings import PlacementTiming
 from tomq.node.raft.core import Role
 from tomq.node.runtime.base import Instance, InstanceSpec, Runtime
@@ -127,6 +132,7 @@ class Orchestrator:
         self.sample = self.monitor.sample(self.sampled_at)
         self.last_contact: dict[str, float] = {}  # node -> wall clock of the last sign of life
         self.instances: list[Instance] = []
+        self.worker_reported = False  # what runs here is unknown until the worker's first report
         self.instance_problems: list[str] = []
         self.worker = InstanceWorker(runtime, self._on_worker_report) if runtime is not None else None
         self.timings: deque[PlacementTiming] = deque(maxlen=200)
@@ -142,6 +148,9 @@ class Orchestrator:
         # (service, replica, height) placed here but still recorded as running on a live node ->
         # (since when, monotonic; whether we gave up waiting and said so)
         self.handovers: dict[tuple[str, int, int], tuple[float, bool]] = {}
+        # (service, replica, height) handed to the worker to run: never withheld again, or a holder
+        # appearing late (its container record committing after our start) would stop ours.
+        self.handed_over: set[tuple[str, int, int]] = set()
         self.caught_up = False
         self.last_lead = 0.0
         self.catch_up_to: int | None = None
@@ -235,6 +244,8 @@ class Orchestrator:
 
     def _on_worker_report(self, instances: list[Instance], problems: list[str], pids: list[int]) -> None:
         def handle() -> None:
+            if not self.worker_reported:
+                self.worker_reported = self.dirty = True  # now the desired set can be handed over
             self.instances = instances
             self.instance_problems = problems
             self.instance_pids = pids
@@ -513,7 +524,9 @@ class Orchestrator:
         return True
 
     def _reconcile_instances(self) -> None:
-        if self.worker is None or not self._caught_up():
+        # Not before the worker has said what runs here: a replica moved away while we were down
+        # may still run here, and one moved here may still run on its old node (_handover_holder).
+        if self.worker is None or not self.worker_reported or not self._caught_up():
             return
         desired: dict[tuple[str, int], Desired] = {}
         now = time.time()
@@ -523,7 +536,8 @@ class Orchestrator:
             if spec is None:
                 continue
             key = (assignment.service, assignment.replica, assignment.height)
-            holder = self._handover_holder(assignment.service, assignment.replica, assignment.height, now)
+            holder = None if key in self.handed_over else \
+                self._handover_holder(assignment.service, assignment.replica, assignment.height, now)
             if holder is not None:
                 since, warned = waiting[key] = self.handovers.get(key, (time.monotonic(), False))
                 if time.monotonic() - since < HANDOVER_SECONDS:
@@ -543,21 +557,30 @@ class Orchestrator:
                 instance_spec, functools.partial(self._instance_files, assignment.service, assignment.replica,
                                                  assignment.height, spec))
         self.handovers = waiting
+        self.handed_over = {(d.spec.service, d.spec.replica, d.spec.height) for d in desired.values()}
         self.worker.want(desired)
 
     def _handover_holder(self, service: str, replica: int, height: int, now: float) -> str | None:
         """The live node whose instance of this replica must stop before ours starts, or None.
 
-        Ours may already run (it started, or an earlier run of this node started it): then it stays.
-        A node that stopped answering holds nothing; its instance fences itself on the placement.
+        A node holds it while the ledger records its container, or while its latest load report
+        lists the instance running (its container record may still be on its way). Ours may exist
+        already (started, restarting, or left by an earlier run of this node): then it stays. A node
+        that stopped answering holds nothing; its instance fences itself on the placement.
         """
-        if any(i.service == service and i.replica == replica and i.height == height and i.running
-               for i in self.instances):
+        if any(i.service == service and i.replica == replica and i.height == height for i in self.instances):
             return None
         for info in self.state.containers.values():
             if (info.service, info.replica) == (service, replica) and info.node != self.node.name \
                     and self._alive(info.node, now):
                 return info.node
+        running = f"{service}:{replica}@"
+        for name, (_, report) in self.node.peer_reports.items():
+            listed = report.get("instances")
+            if name == self.node.name or not isinstance(listed, list) or not self._alive(name, now):
+                continue
+            if any(isinstance(item, str) and item.startswith(running) and item.endswith(":running") for item in listed):
+                return name
         return None
 
     def _alive(self, name: str, now: float) -> bool:
@@ -632,7 +655,16 @@ class Orchestrator:
         structure = record.structure
         if isinstance(structure, Identity) and structure.kind == "container":
             joined = structure.object in self.state.containers
-            return joined if record.state == ID_DELETE else not joined
+            if record.state == ID_DELETE:
+                return joined
+            # A create only while the replica is still placed here under that decision: one placed
+            # elsewhere meanwhile is stopped, not recorded as joining late.
+            parsed = parse_container_name(structure.object)
+            if joined or parsed is None:
+                return False
+            service, replica, node, height = parsed
+            current = self.state.table.get(service, replica)
+            return current is not None and (current.node, current.height) == (node, height)
         return False  # requests and plans are recomputed from the state instead
 
     # ------------------------------------------------------------------ views
