@@ -718,13 +718,26 @@ class EtcdResult:
     cpu: dict[str, float] = field(default_factory=dict)
 
 
-def bench_etcd(processes: Processes, binary: str, args: argparse.Namespace, value: bytes) -> EtcdResult:
-    result = EtcdResult()
-    workdir = Path(tempfile.mkdtemp(prefix="tomq-bench-etcd-", dir=args.workdir))
+@contextlib.contextmanager
+def running_etcd(processes: Processes, binary: str, args: argparse.Namespace, name: str) -> Iterator[EtcdCluster]:
+    """A fresh 3-member etcd cluster, warmed up; stopped (and its directory removed unless --keep) after."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"tomq-bench-{name}-", dir=args.workdir))
     etcd = EtcdCluster(processes, workdir, binary)
     try:
         etcd.start()
-        etcd_latency(etcd, 20, value)  # warm-up
+        etcd_latency(etcd, 20, os.urandom(64))  # warm-up
+        yield etcd
+    finally:
+        for process in list(etcd.members.values()):
+            if process in processes.running:
+                processes.stop(process)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bench_etcd(processes: Processes, binary: str, args: argparse.Namespace, value: bytes) -> EtcdResult:
+    result = EtcdResult()
+    with running_etcd(processes, binary, args, "etcd") as etcd:
         for run in range(args.repeats):
             latencies = etcd_latency(etcd, args.latency_count, value)
             result.p50.append(percentile(latencies, 0.5))
@@ -741,34 +754,19 @@ def bench_etcd(processes: Processes, binary: str, args: argparse.Namespace, valu
         for run in range(args.failovers):
             result.failover.append(etcd_failover(etcd, value))
             log(f"  etcd: failover run {run + 1}: {result.failover[-1]:.2f} s")
-    finally:
-        for process in list(etcd.members.values()):
-            if process in processes.running:
-                processes.stop(process)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     return result
 
 
 def etcd_anchor(processes: Processes, binary: str, args: argparse.Namespace, value: bytes) -> float | None:
     """etcd's put p50 on a fresh 3-member cluster, measured now (see TomqResult.anchor_p50)."""
-    workdir = Path(tempfile.mkdtemp(prefix="tomq-bench-etcd-anchor-", dir=args.workdir))
-    etcd = EtcdCluster(processes, workdir, binary)
     try:
-        etcd.start()
-        etcd_latency(etcd, 20, value)  # warm-up
-        p50 = percentile(etcd_latency(etcd, args.latency_count, value), 0.5)
-        log(f"  etcd next to it: p50 {p50 * 1000:.2f} ms")
-        return p50
+        with running_etcd(processes, binary, args, "etcd-anchor") as etcd:
+            p50 = percentile(etcd_latency(etcd, args.latency_count, value), 0.5)
     except Exception as exc:  # a failed anchor must not cost the clusters already measured
         log(f"  etcd next to it: not measured ({type(exc).__name__}: {exc}); the run's own etcd p50 is used")
         return None
-    finally:
-        for process in list(etcd.members.values()):
-            if process in processes.running:
-                processes.stop(process)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+    log(f"  etcd next to it: p50 {p50 * 1000:.2f} ms")
+    return p50
 
 
 # --------------------------------------------------------------------------- raw Ed25519
