@@ -122,7 +122,8 @@ class NodeDaemon:
         self._durable_index = (loaded.entries[-1].index if loaded.entries
                                else loaded.snapshot.meta.index if loaded.snapshot else 0)
         self.inbox: deque[tuple[Any, ...]] = deque()  # appended to by any thread, taken by the loop
-        self._raft_inbox_prefix = f"{self.topics.root}/node/{self.name}/raft/"
+        self._node_prefix = f"{self.topics.root}/node/"
+        self._raft_inbox_prefix = f"{self._node_prefix}{self.name}/raft/"
         self.watermarks = FileWatermarks(self.data_dir / "watermarks")
         self.counter = SequenceCounter(self.data_dir / "sequence")
         # One sequence for every record and command this node seals (orchestrator, device presence,
@@ -259,7 +260,7 @@ class NodeDaemon:
             except Exception:  # as inside MqttLink's callback guard, where this ran before: drop it, go on
                 log.exception("a raft batch on %s could not be handled", item[1])
         elif kind == "mqtt":
-            if item[1].endswith("/load") and item[1].startswith(f"{self.topics.root}/node/"):
+            if item[1].endswith("/load") and item[1].startswith(self._node_prefix):
                 self._on_load_report(item[1], item[2])
             else:
                 self.applier.on_message(item[1], item[2], item[3])

@@ -16,8 +16,8 @@ Three duties, all driven by the node loop (never by a thread of their own):
    replicas the ledger assigns to this node and stops the rest; each started instance is recorded as
    a container (PROV-ID-create, attributed to this node), each stopped one as PROV-ID-delete.
    A replica moved away from a live node starts here only once that node's container of it is
-   recorded as gone (or after HANDOVER_SECONDS): break before make, so the ledger itself shows a
-   replica never ran on two nodes at once.
+   recorded as gone and its load report no longer lists it running (or after HANDOVER_SECONDS):
+   break before make, so the ledger itself shows a replica never ran on two nodes at once.
 
 The rule that orders these: nothing starts before its PROV-ORCH record is committed, and the
 retained `orch/placement/<service>` (published by the leader) only ever shows committed placements.
@@ -574,12 +574,12 @@ class Orchestrator:
             if (info.service, info.replica) == (service, replica) and info.node != self.node.name \
                     and self._alive(info.node, now):
                 return info.node
-        running = f"{service}:{replica}@"
+        prefix = f"{service}:{replica}@"  # of an _instance_tags() entry
         for name, (_, report) in self.node.peer_reports.items():
             listed = report.get("instances")
             if name == self.node.name or not isinstance(listed, list) or not self._alive(name, now):
                 continue
-            if any(isinstance(item, str) and item.startswith(running) and item.endswith(":running") for item in listed):
+            if any(isinstance(tag, str) and tag.startswith(prefix) and tag.endswith(":running") for tag in listed):
                 return name
         return None
 
@@ -676,7 +676,11 @@ class Orchestrator:
                 "labels": self.labels, "reported_height": self.state.height,
                 "runtime": self.runtime.name if self.runtime is not None else None,
                 "limits": self.runtime.limits if self.runtime is not None else None,
-                "instances": sorted(f"{i.service}:{i.replica}@{i.height}:{i.state}" for i in self.instances)}
+                "instances": self._instance_tags()}
+
+    def _instance_tags(self) -> list[str]:
+        """What runs here, as load reports and status show it; _handover_holder reads peers' back."""
+        return sorted(f"{i.service}:{i.replica}@{i.height}:{i.state}" for i in self.instances)
 
     def load_score(self) -> float:
         return (self.sample.cpu + self.sample.memory) / 2
@@ -689,7 +693,7 @@ class Orchestrator:
                          for name, spec in sorted(self.state.specs.items())},
             "placements": [a.to_map() for a in self.state.table],
             "containers": sorted(self.state.containers),
-            "instances": sorted(f"{i.service}:{i.replica}@{i.height}:{i.state}" for i in self.instances),
+            "instances": self._instance_tags(),
             "unplaceable": self.unplaceable,
             "pending_requests": len(self.requests),
             "placement_timings": [t.to_map() for t in list(self.timings)[-20:]],
