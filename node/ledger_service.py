@@ -157,7 +157,8 @@ class LedgerService:
         # such an index once the writer has that height durably in the store.
         self.compact_candidates: deque[tuple[int, int]] = deque()
         self._load_store()
-        self.writer = BlockWriter(self.store, ledger_dir, stored=self.certified, speak=self._speak_soon)
+        self.writer = BlockWriter(self.store, ledger_dir, stored=self.certified, speak=self._speak_soon,
+                                  creates_first=self._is_leader)
         self.writer.start()
 
     # ------------------------------------------------------------------ startup

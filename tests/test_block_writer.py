@@ -226,3 +226,81 @@ def test_a_writer_whose_directory_fsync_failed_still_speaks_for_the_files_it_lin
         assert spoken.heights == [0, 1]
     finally:
         writer.stop()
+
+
+def test_a_block_after_a_quiet_spell_is_written_at_once_and_a_stream_in_few_rounds(
+        dirs, monkeypatch: pytest.MonkeyPatch):
+    store, shared = dirs
+    rounds = []
+    real_replace_files = block_writer.replace_files
+
+    def counted(directory, files):
+        rounds.append([name for name, _ in files])
+        return real_replace_files(directory, files)
+
+    monkeypatch.setattr(block_writer, "replace_files", counted)
+    writer = BlockWriter(store, shared, stored=-1, speak=Spoken())
+    writer.start()
+    try:
+        started = time.monotonic()
+        writer.put(0, block_bytes(0))
+        assert wait_until(lambda: writer.stored == 0, timeout=block_writer.ROUND_SECONDS * 0.75)
+        first_took = time.monotonic() - started
+        # A stream: a block every 5 ms for 2.5 rounds.
+        stream_ends = time.monotonic() + 2.5 * block_writer.ROUND_SECONDS
+        height = 0
+        while time.monotonic() < stream_ends:
+            height += 1
+            writer.put(height, block_bytes(height))
+            time.sleep(0.005)
+        assert writer.flush()
+        assert wait_until(lambda: writer.shared_next == height + 1)
+    finally:
+        writer.stop()
+    assert first_took < block_writer.ROUND_SECONDS / 2
+    assert [name for batch in rounds for name in batch] == [block_file_name(h) for h in range(height + 1)]
+    assert height >= 20 and len(rounds) <= 5, (height, [len(batch) for batch in rounds])
+    assert [(shared / block_file_name(h)).read_bytes() for h in range(height + 1)] == [
+        block_bytes(h) for h in range(height + 1)]
+
+
+def test_a_node_that_leaves_creating_to_the_leader_checks_its_files_and_creates_only_after_a_grace(
+        dirs, monkeypatch: pytest.MonkeyPatch):
+    store, shared = dirs
+    monkeypatch.setattr(block_writer, "SHARED_GRACE_SECONDS", 0.6)
+    leader_store = store.parent / "leader-store"
+    leader_store.mkdir()
+    leading = threading.Event()
+    leading.set()
+    leader_spoke, follower_spoke = Spoken(), Spoken()
+    leader = BlockWriter(leader_store, shared, stored=-1, speak=leader_spoke, creates_first=leading.is_set)
+    follower = BlockWriter(store, shared, stored=-1, speak=follower_spoke, creates_first=lambda: False)
+    leader.start()
+    follower.start()
+    try:
+        for height in range(3):  # the follower has them first: it still waits for the leader's files
+            follower.put(height, block_bytes(height))
+        assert follower.flush()
+        time.sleep(0.3)
+        assert follower.shared_next == 0 and not list(shared.iterdir())
+        for height in range(3):
+            leader.put(height, block_bytes(height))
+        assert wait_until(lambda: leader.shared_next == 3 and follower.shared_next == 3)
+        assert leader_spoke.heights == [0, 1, 2] and follower_spoke.heights == []
+        # The leader is gone: the follower creates what nobody created, once the grace is over.
+        leading.clear()
+        leader.stop()
+        put_at = time.monotonic()
+        follower.put(3, block_bytes(3))
+        assert wait_until(lambda: follower.shared_next == 4)
+        assert time.monotonic() - put_at >= 0.6
+        assert follower_spoke.heights == [3]
+        # A different file from "the leader" is still divergence for a node that only checks.
+        (shared / block_file_name(4)).write_bytes(block_bytes(4, b"forged"))
+        follower.put(4, block_bytes(4))
+        assert wait_until(lambda: follower.divergent, timeout=5)
+        assert follower.shared_next == 4
+    finally:
+        leader.stop()
+        follower.stop()
+    assert [(shared / block_file_name(h)).read_bytes() for h in range(4)] == [block_bytes(h) for h in range(4)]

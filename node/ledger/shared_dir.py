@@ -72,8 +72,8 @@ def put_block_file(directory: str | os.PathLike[str], data: bytes) -> PutResult:
     return results[0]
 
 
-def put_block_files(directory: str | os.PathLike[str],
-                    files: Sequence[bytes]) -> tuple[list[PutResult], TomqError | None]:
+def put_block_files(directory: str | os.PathLike[str], files: Sequence[bytes], *,
+                    create: bool = True) -> tuple[list[PutResult], TomqError | None]:
     """`put_block_file` for several block files in height order, with one directory fsync for all.
 
     Returns what was put (or found identical), in order, up to the first file that could not be,
@@ -81,6 +81,9 @@ def put_block_files(directory: str | os.PathLike[str],
     must speak for, even when a later one diverges. Each file is still written to a temporary,
     fsynced and linked on its own; the temporaries are all written before the first fsync, so on
     ext4 that fsync's journal commit carries them all.
+
+    `create=False` only checks: it stops, with no failure, before the first height nobody has put
+    yet (a node that leaves creating to another checks the other's files and waits for the rest).
     """
     root = Path(directory)
     planned: list[tuple[int, Path, bytes, PutResult | Path]] = []  # height, final, data, found | temp
@@ -106,6 +109,8 @@ def put_block_files(directory: str | os.PathLike[str],
                     failure = exc
                     break
                 continue
+            if not create:
+                break
             temp = root / f".{final.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp"
             planned.append((height, final, data, temp))
             descriptors.append(_write_temp(temp, data))
