@@ -123,6 +123,8 @@ class NodeDaemon:
                                else loaded.snapshot.meta.index if loaded.snapshot else 0)
         self.inbox: deque[tuple[Any, ...]] = deque()  # appended to by any thread, taken by the loop
         self._node_prefix = f"{self.topics.root}/node/"
+        self._peers_of: frozenset[str] = frozenset()
+        self._peer_names: list[str] = []
         self._raft_inbox_prefix = f"{self._node_prefix}{self.name}/raft/"
         self.watermarks = FileWatermarks(self.data_dir / "watermarks")
         self.counter = SequenceCounter(self.data_dir / "sequence")
@@ -307,7 +309,12 @@ class NodeDaemon:
             self.transport.send([], extras)
 
     def _peers(self) -> list[str]:
-        return sorted(p for p in self.raft.voters if p != self.name)
+        # Asked twice per turn of the loop; the voters change only with the membership (a new set).
+        voters = self.raft.voters
+        if voters is not self._peers_of:
+            self._peers_of = voters
+            self._peer_names = sorted(p for p in voters if p != self.name)
+        return self._peer_names
 
     def _apply(self, ready: Ready) -> None:
         now = time.time()

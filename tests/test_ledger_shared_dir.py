@@ -229,3 +229,21 @@ def test_divergence_message_names_file_hashes_when_only_signatures_differ(tmp_pa
         put_block_file(tmp_path, second)
     assert hashlib.sha256(first).hexdigest() in str(caught.value)
     assert hashlib.sha256(second).hexdigest() in str(caught.value)
+
+
+def test_a_writer_that_knows_the_heights_is_not_made_to_decode_and_one_that_only_checks_stops_at_a_gap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    blocks = [block_bytes(height) for height in range(3)]
+    put_block_file(tmp_path, blocks[1])  # another node created 1 only
+    decoded = []
+    real_decode = shared_dir.decode_block_file
+    monkeypatch.setattr(shared_dir, "decode_block_file", lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    results, failure = put_block_files(tmp_path, blocks[1:], create=False, heights=[1, 2])
+    assert failure is None and [(r.height, r.written) for r in results] == [(1, False)]  # 2: left to its creator
+    assert listing(tmp_path) == [block_file_name(1)]
+    results, failure = put_block_files(tmp_path, blocks, heights=[0, 1, 2])
+    assert failure is None and [(r.height, r.written) for r in results] == [(0, True), (1, False), (2, True)]
+    assert decoded == []
+    assert [(tmp_path / block_file_name(h)).read_bytes() for h in range(3)] == blocks
+    with pytest.raises(ValueError):
+        put_block_files(tmp_path, blocks, heights=[0, 1])

@@ -170,6 +170,7 @@ class BlockWriter:
             return
         while self._shared_behind():
             heights = range(self.shared_next, min(self.stored, self.shared_next + MAX_BATCH - 1) + 1)
+            made_here = all(height in self._unshared for height in heights)  # else read back: heights from the files
             try:
                 files = [self._unshared.get(height) or (self.store / block_file_name(height)).read_bytes()
                          for height in heights]
@@ -177,7 +178,8 @@ class BlockWriter:
                 self._log_error(f"cannot read block {self.shared_next}.. back from the store {self.store}: {exc} "
                                 "(will retry)")
                 return
-            results, failure = put_block_files(self.ledger_dir, files, create=self._may_create(heights[0]))
+            results, failure = put_block_files(self.ledger_dir, files, create=self._may_create(heights[0]),
+                                               heights=list(heights) if made_here else None)
             created = []
             for height, data, result in zip(heights, files, results, strict=False):
                 if result.height != height:  # the store's file is not what we wrote: stop here
