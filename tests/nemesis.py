@@ -128,6 +128,9 @@ class NemesisCluster:
     def _faketime_env(self) -> dict[str, str]:
         # Both clocks jump: this libfaketime (0.9.10) cannot leave the monotonic clock alone without
         # breaking Python's time.sleep (clock_nanosleep returns EINVAL), so the victim's timers jump too.
+        # And on the victim a timed wait on a lock (Condition/Event.wait(timeout)) does not return for
+        # minutes, while time.sleep and select/poll timeouts work: node code that must keep time on
+        # the victim sleeps (the block writer; the instance worker's periodic pass still waits).
         return {"LD_PRELOAD": str(FAKETIME_LIBRARY), "FAKETIME_TIMESTAMP_FILE": str(self.clock_file),
                 "FAKETIME_CACHE_DURATION": "1"}
 
