@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         from tomq.broker.amqtt_plugins import METRICS
         from tomq.node.metrics import serve_metrics
 
-        metrics_port = serve_metrics(args.metrics_port, METRICS)  # loopback: the operator's scraper only
+        # Loopback: the operator's scraper only. Not on a port the listeners are about to take.
+        metrics_port = serve_metrics(args.metrics_port, METRICS, avoid={broker.port, broker.tls_port or broker.port})
 
     def announce() -> None:
         print(f"tomq broker for cluster {broker.cluster} on mqtt://{broker.host}:{broker.port}", flush=True)

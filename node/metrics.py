@@ -6,7 +6,7 @@ commit-latency histogram is fed by the ledger as records commit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -57,9 +57,28 @@ class NodeMetrics:
         return serve_metrics(port, self.registry)
 
 
-def serve_metrics(port: int, registry: CollectorRegistry) -> int:
+MAX_PORT_TRIES = 8
+
+
+def serve_metrics(port: int, registry: CollectorRegistry, avoid: Collection[int] = ()) -> int:
+    """Serve `registry` on 127.0.0.1:`port` (0: any free port) and return the port.
+
+    `avoid`: ports this process is about to listen on. With port 0 the kernel may pick one of them,
+    free until then: the embedded broker's metrics once took the port its MQTT listener was started
+    on, which then could not bind (a CI run). Such a pick is held while another is made, then let go.
+    """
+    picked_wrong = []
     try:
-        server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
-    except OSError as exc:
-        raise ConfigError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror}") from None
-    return int(server.server_port)
+        for _ in range(MAX_PORT_TRIES):
+            try:
+                server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror}") from None
+            if port != 0 or server.server_port not in avoid:
+                return int(server.server_port)
+            picked_wrong.append(server)
+        raise ConfigError(f"no free metrics port outside {sorted(avoid)[:8]} in {MAX_PORT_TRIES} tries")
+    finally:
+        for server in picked_wrong:
+            server.shutdown()
+            server.server_close()
