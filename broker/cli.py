@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         from tomq.node.metrics import serve_metrics
 
         # Loopback: the operator's scraper only. Not on a port the listeners are about to take.
-        metrics_port = serve_metrics(args.metrics_port, METRICS, avoid={broker.port, broker.tls_port or broker.port})
+        listening = {port for port in (broker.port, broker.tls_port) if port is not None}
+        metrics_port = serve_metrics(args.metrics_port, METRICS, avoid=listening)
 
     def announce() -> None:
         print(f"tomq broker for cluster {broker.cluster} on mqtt://{broker.host}:{broker.port}", flush=True)
