@@ -10,6 +10,7 @@ raise anything but `CanonicalDecodeError`, whatever the input.
 from __future__ import annotations
 
 import io
+import itertools
 from typing import Any
 
 import cbor2
@@ -24,6 +25,11 @@ class CanonicalDecodeError(TomqError):
 
 
 def encode(value: Any) -> bytes:
+    # cbor2's canonical mode costs four times its plain mode (it sorts every map's keys and tries
+    # every float in shorter forms). For the values tomq encodes (maps with their keys already in
+    # canonical order, no floats) both give the same bytes; a walk in Python finds out for less.
+    if _plain_is_canonical(value, 0):
+        return cbor2.dumps(value)
     return cbor2.dumps(value, canonical=True)
 
 
@@ -39,10 +45,11 @@ def decode(data: bytes, *, check_canonical: bool = True) -> Any:
         raise CanonicalDecodeError(f"malformed CBOR: {_one_line(exc)}") from None
     if stream.tell() != len(data):
         raise CanonicalDecodeError(f"malformed CBOR: {len(data) - stream.tell()} trailing bytes after the value")
-    _check_plain(value, 0)
+    plain_is_canonical = _check_plain(value, 0)
     if check_canonical:
         try:
-            again = encode(value)
+            # When the keys are in order and there are no floats, the plain encoding is the canonical one.
+            again = cbor2.dumps(value) if plain_is_canonical else cbor2.dumps(value, canonical=True)
         except Exception as exc:
             raise CanonicalDecodeError(f"malformed CBOR: cannot re-encode ({_one_line(exc)})") from None
         if again != data:
@@ -50,28 +57,96 @@ def decode(data: bytes, *, check_canonical: bool = True) -> Any:
     return value
 
 
-def _check_plain(value: Any, depth: int) -> None:
+def _check_plain(value: Any, depth: int) -> bool:
+    """Refuse what is not tomq's plain data model; True when cbor2's plain encoding of `value` is
+    canonical (map keys in canonical order, no floats), so a cheap re-encoding checks the input."""
     if depth > MAX_NESTING:
         raise CanonicalDecodeError(f"CBOR nests deeper than {MAX_NESTING} levels")
+    kind = type(value)
+    if kind is dict:
+        for key in value:
+            if type(key) is not str:
+                raise CanonicalDecodeError(f"CBOR map key of type {type(key).__name__}; only text keys are allowed")
+        plain = _keys_in_canonical_order(value)
+        items = value.values()
+    elif kind is list:
+        plain = True
+        items = value
+    else:
+        return _check_leaf(value)
+    if depth == MAX_NESTING and value:
+        raise CanonicalDecodeError(f"CBOR nests deeper than {MAX_NESTING} levels")  # the leaves below are checked inline
+    for item in items:  # leaves inline: a call per leaf cost more than it saved
+        kind = type(item)
+        if kind is bytes or kind is str or kind is bool or item is None:
+            continue
+        if kind is dict or kind is list:
+            plain = _check_plain(item, depth + 1) and plain
+        else:
+            plain = _check_leaf(item) and plain
+    return plain
+
+
+def _check_leaf(value: Any) -> bool:
     kind = type(value)
     if kind is int and not -(2**64) <= value < 2**64:
         # cbor2 turns bignum tags (2, 3) into plain ints, so the tag check below never sees them. No tomq
         # field needs one, and an int of thousands of digits makes every f"{value}" in an error message
         # raise ValueError (int_max_str_digits) instead of the caller's documented error (found by fuzzing).
         raise CanonicalDecodeError("CBOR bignum (an integer beyond 64 bits, a tag) is not allowed")
-    if kind in (int, str, bytes, float, bool) or value is None:
-        return
-    if kind is list:
-        for item in value:
-            _check_plain(item, depth + 1)
-        return
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise CanonicalDecodeError(f"CBOR map key of type {type(key).__name__}; only text keys are allowed")
-            _check_plain(item, depth + 1)
-        return
+    if kind in _LEAVES:
+        return True
+    if kind is float:
+        return False  # canonical CBOR writes each float in its shortest exact form; plain cbor2 does not
     raise CanonicalDecodeError(f"CBOR value of type {kind.__name__} (a tag or undefined) is not allowed")
+
+
+_LEAVES = frozenset({int, str, bytes, bool, type(None)})  # encoded alike by cbor2's plain and canonical modes
+_ORDERED_KEYS: dict[tuple[Any, ...], bool] = {}  # a map's keys -> whether they are in canonical order
+# tomq's maps have a few dozen key sets, met in the first seconds; once full (device attributes,
+# or an attacker's odd maps) the rest are judged each time, never kept.
+_ORDERED_KEYS_MAX = 1024
+
+
+def _keys_in_canonical_order(mapping: dict[Any, Any]) -> bool:
+    """Whether the keys are ASCII text in canonical order: shorter first, then bytewise (RFC 8949
+    §4.2.1; for ASCII, bytewise is Python's string order). Anything else takes the slow path."""
+    keys = tuple(mapping)
+    known = _ORDERED_KEYS.get(keys)
+    if known is not None:
+        return known
+    if not all(type(key) is str and key.isascii() for key in keys):
+        return False
+    ordered = all((len(before), before) < (len(after), after) for before, after in itertools.pairwise(keys))
+    if len(_ORDERED_KEYS) < _ORDERED_KEYS_MAX and sum(map(len, keys)) <= 512:
+        _ORDERED_KEYS[keys] = ordered
+    return ordered
+
+
+def _plain_is_canonical(value: Any, depth: int) -> bool:
+    """Whether cbor2's plain encoding of `value` is its canonical one (see `encode`)."""
+    kind = type(value)
+    if kind is dict:
+        if not _keys_in_canonical_order(value):
+            return False
+        items = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return kind in _LEAVES and (kind is not int or -(2**64) <= value < 2**64)
+    if depth >= MAX_NESTING:
+        return False  # let the canonical encoder decide what to do with it
+    for item in items:  # leaves inline: a call per leaf cost more than it saved
+        kind = type(item)
+        if kind is bytes or kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not -(2**64) <= item < 2**64:
+                return False
+            continue
+        if not _plain_is_canonical(item, depth + 1):
+            return False
+    return True
 
 
 def _one_line(exc: BaseException) -> str:
