@@ -29,6 +29,11 @@ def check_segment(value: str, what: str = "id") -> str:
     return value
 
 
+def is_segment(value: str) -> bool:
+    """Whether `value` can stand alone as one topic level (`check_segment` without the exception)."""
+    return _SEGMENT.fullmatch(value) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
     cluster: str
@@ -79,6 +84,10 @@ class Topics:
     def raft_inbox(self, node: str) -> str:
         """The subscription filter for every Raft message addressed to `node`."""
         return self._join("node", check_segment(node, "node"), "raft", "+")
+
+    def raft_inbox_prefix(self, node: str) -> str:
+        """What every topic in `node`'s inbox starts with; the sender's name follows."""
+        return self._join("node", check_segment(node, "node"), "raft", "")
 
     def node_load(self, node: str) -> str:
         return self._join("node", check_segment(node, "node"), "load")
