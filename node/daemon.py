@@ -124,6 +124,7 @@ class NodeDaemon:
         self.inbox: deque[tuple[Any, ...]] = deque()  # appended to by any thread, taken by the loop
         self._node_prefix = f"{self.topics.root}/node/"
         self._peers_of: frozenset[str] = frozenset()
+        self._extras: deque[tuple[str, dict[str, Any]]] = deque()  # peers' extras, taken after the Ready
         self._peer_names: list[str] = []
         self._raft_inbox_prefix = f"{self._node_prefix}{self.name}/raft/"
         self.watermarks = FileWatermarks(self.data_dir / "watermarks")
@@ -177,6 +178,14 @@ class NodeDaemon:
         for message in messages:
             self.raft.step(message)
         if extras:
+            # Taken after this turn's Ready: a follower's commit signature rides with the acknowledgement
+            # that commits the next block, and checking it (an Ed25519 verify) held back that block's
+            # audit lines.
+            self._extras.append((sender, extras))
+
+    def _take_extras(self) -> None:
+        while self._extras:
+            sender, extras = self._extras.popleft()
             self.applier.on_extras(sender, extras)
 
     def call(self, function: Callable[[], Any]) -> None:
@@ -243,6 +252,7 @@ class NodeDaemon:
                     if next_tick < now:  # we were stalled (SIGSTOP, a slow disk): do not burst ticks
                         next_tick = now + self.options.tick_seconds
                 self.process_ready()
+                self._take_extras()
                 if self.applier.has_work():
                     # What was just applied left work (a committed placement to publish, a command
                     # to send): do it before reading more messages, which took 1-3 ms per turn.
