@@ -26,6 +26,7 @@ from tomq.node.ledger.block import (
     sign_block,
 )
 from tomq.node.ledger_service import LedgerService
+from tomq.node.raft.core import Role
 from tomq.node.raft.types import Entry
 from tomq.records import ID_CREATE, Identity, Record
 from tomq.wire import seal
@@ -91,3 +92,27 @@ def test_forged_or_short_certificates_leave_the_block_uncertified_and_a_valid_on
     assert wait_until(lambda: ledger.stored == 1, 10, 0.02)
     stored = decode_block_file((ledger.store / block_file_name(1)).read_bytes())
     assert stored.block.hash == digest and stored.commit_certificate == good
+
+
+def test_a_leader_certifies_with_its_followers_signatures_before_its_own(tmp_path: Path):
+    # Every node checks each signature of a certificate but its own: with the followers' two, each
+    # follower checks one; with the leader's and one follower's, the other follower checks two.
+    directory = tmp_path / "cluster"
+    cluster.init(directory, ["n1", "n2", "n3"])
+    cluster.add_member(directory, "s1", "sensor")
+    write_genesis(directory)
+    node = NodeDaemon(directory, "n1", lambda n: LedgerService(n))
+    ledger, loaded = node.applier, cluster.load(directory)
+    try:
+        n1, n2, n3 = (loaded.signing_key(name) for name in ("n1", "n2", "n3"))
+        digest, block_entry = committed_block(ledger, loaded, index=3)
+        ledger.apply(block_entry)
+        node.raft.role = Role.LEADER  # what an election would have made it; only the choice is tested
+        ledger.on_extras("n2", {"sigs": [[1, digest, commit_signature(n2, digest)]]})
+        assert ledger._ready_certificates() == [[1, digest, {n1.id: commit_signature(n1, digest),
+                                                             n2.id: commit_signature(n2, digest)}]]
+        ledger.on_extras("n3", {"sigs": [[1, digest, commit_signature(n3, digest)]]})
+        assert ledger._ready_certificates() == [[1, digest, {n2.id: commit_signature(n2, digest),
+                                                             n3.id: commit_signature(n3, digest)}]]
+    finally:
+        ledger.close()
