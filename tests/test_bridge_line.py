@@ -567,6 +567,9 @@ def test_unplug_and_replug_in_the_middle_of_a_burst(site: Site, tmp_path: Path) 
         firmware.start(count)
         assert wait_until(lambda: len(firmware.acked) >= count // 3, 20, 0.001), bridge.log()
         relay.unplug()
+        # An acknowledgement the device had already read when the line went may still be taken (a
+        # CI run took one: 276 against 275): count from when those have landed.
+        time.sleep(0.2)
         unplugged_at = len(firmware.acked)
         time.sleep(1.0)  # the device keeps sampling and sending into the void; the bridge keeps trying the port
         assert len(firmware.acked) == unplugged_at
