@@ -86,13 +86,21 @@ from tomq.node.orchestrator.spec import parse_spec
 from tomq.node.raft import messages
 from tomq.node.raft.messages import MalformedRaftMessage, Message, MessageType
 from tomq.node.raft.storage import FileStorage, StorageError
-from tomq.node.raft.transport import RaftTransport
+from tomq.node.raft.transport import SHARED_KEY_PURPOSE, RaftTransport
 from tomq.node.raft.types import Entry, EntryKind, HardState, Snapshot, SnapshotMeta
 from tomq.node.services.readings import seal_attested_reading, seal_reading
 from tomq.records import DATA, ID_CREATE, ID_DELETE, ORCH, Identity, Orchestrate, Provenance, Record
 from tomq.topics import Topics, default_publish_rights
 from tomq.wire import _DOMAIN as ENVELOPE_DOMAIN
-from tomq.wire import EnvelopeOpener, MemoryWatermarks, SequenceCounter, seal
+from tomq.wire import (
+    MAC_BYTES,
+    EnvelopeOpener,
+    MemoryWatermarks,
+    SequenceCounter,
+    envelope_mac,
+    seal,
+    seal_shared,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SAVED_INPUTS = REPO / "tests" / "fuzz_inputs"
@@ -190,6 +198,11 @@ class Resealer:
         if not isinstance(fields, dict):
             return pair
         signed = canonical.encode(self.value(rng, fields, depth + 1))
+        if len(signature) == MAC_BYTES:  # a Raft batch: MAC'd for n1, the raft-batch target's receiver
+            sender = self.signer(fields.get("from"))
+            if sender is None or rng.random() < 0.05:
+                return [signed, signature]
+            return [signed, envelope_mac(sender.shared_key(world().keys["n1"].public_key, SHARED_KEY_PURPOSE), signed)]
         if "issuer" in fields and "subject" in fields:
             signer, domain = OPERATOR, CERTIFICATE_DOMAIN
         else:
@@ -482,14 +495,20 @@ def run_raft_message(data: bytes) -> None:
     assert messages.decode(messages.encode(message)) == message, "an accepted message does not re-encode"
 
 
+def raft_batch(sender: str, to: str, *, seq: int, body: Any) -> bytes:
+    """A Raft batch as node `sender` seals it for node `to`: with the MAC of the key they share."""
+    w = world()
+    key = w.keys[sender].shared_key(w.keys[to].public_key, SHARED_KEY_PURPOSE)
+    return seal_shared(key, w.keys[sender].id, seq=seq, time_ms=START_MS, type="raft", body=body)
+
+
 @functools.cache
 def raft_batches() -> list[bytes]:
-    w = world()
     encoded = [messages.encode(message) for message in raft_messages()]
     return [
-        w.sealed("n2", seq=1, type="raft", body={"m": encoded[:3]}),
-        w.sealed("n2", seq=2, type="raft", body={"m": encoded[3:], "x": {"load": {"cpu": 0.5}}}),
-        w.sealed("n2", seq=3, type="raft", body={"m": [], "x": {"presence": ["s1"]}}),
+        raft_batch("n2", "n1", seq=1, body={"m": encoded[:3]}),
+        raft_batch("n2", "n1", seq=2, body={"m": encoded[3:], "x": {"load": {"cpu": 0.5}}}),
+        raft_batch("n2", "n1", seq=3, body={"m": [], "x": {"presence": ["s1"]}}),
     ]
 
 

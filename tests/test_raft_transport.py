@@ -1,7 +1,8 @@
-"""Which Raft batches a node's transport takes, by topic and signer (node/raft/transport.py).
+"""Which Raft batches a node's transport takes, by topic and sender (node/raft/transport.py).
 
 The transport reads the sender from its inbox topic `tomq/<cluster>/node/<to>/raft/<from>` and then
-requires the envelope to be signed by that node. Pure: no broker, batches handed in directly.
+requires the envelope to come from that node: its MAC under the key only the two nodes share.
+Pure: no broker, batches handed in directly.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from fuzz_targets import CLUSTER, raft_messages, world
+from fuzz_targets import CLUSTER, raft_batch, raft_messages, world
 from tomq.node.raft.messages import Message, encode
 from tomq.node.raft.transport import RaftTransport
 from tomq.topics import Topics
-from tomq.wire import MemoryWatermarks, SequenceCounter
+from tomq.wire import MemoryWatermarks, SequenceCounter, seal_shared
 
 TOPICS = Topics(CLUSTER)
 
@@ -29,10 +30,14 @@ def inbox() -> tuple[RaftTransport, list[tuple[str, list[Message], dict[str, Any
     return transport, batches
 
 
-def batch_from(sender: str, seq: int) -> bytes:
+def body() -> dict[str, Any]:
     messages = [m for m in raft_messages() if m.from_ == "n2" and m.to == "n1"]
     assert messages, "the fuzz world has messages from n2 to n1"
-    return world().sealed(sender, seq=seq, type="raft", body={"m": [encode(m) for m in messages]})
+    return {"m": [encode(m) for m in messages]}
+
+
+def batch_from(sender: str, seq: int) -> bytes:
+    return raft_batch(sender, "n1", seq=seq, body=body())
 
 
 def test_a_batch_from_the_node_its_topic_names_is_taken(inbox):
@@ -65,3 +70,33 @@ def test_a_batch_signed_by_another_node_than_its_topic_names_is_refused_as_spoof
     transport, batches = inbox
     transport.handle(TOPICS.raft("n1", "n2"), batch_from("n3", 1))
     assert batches == [] and dict(transport.rejected) == {"spoofed": 1}
+
+
+def test_a_batch_under_a_key_the_receiver_does_not_share_is_refused(inbox):
+    transport, batches = inbox
+    w = world()
+    n2_with_n3 = w.keys["n2"].shared_key(w.keys["n3"].public_key, b"raft batches")  # n2's key with n3, not n1
+    transport.handle(TOPICS.raft("n1", "n2"), seal_shared(n2_with_n3, w.keys["n2"].id, seq=1, time_ms=0,
+                                                          type="raft", body=body()))
+    transport.handle(TOPICS.raft("n1", "n2"), w.sealed("n2", seq=2, type="raft", body=body()))  # signed, no MAC
+    assert batches == [] and dict(transport.rejected) == {"BadSignature": 2}
+
+
+def test_a_changed_byte_or_a_replay_is_refused(inbox):
+    transport, batches = inbox
+    good = batch_from("n2", 5)
+    changed = bytearray(good)
+    changed[-1] ^= 1  # the MAC's last byte
+    transport.handle(TOPICS.raft("n1", "n2"), bytes(changed))
+    transport.handle(TOPICS.raft("n1", "n2"), good)
+    transport.handle(TOPICS.raft("n1", "n2"), good)  # the same sequence number again
+    assert len(batches) == 1
+    assert dict(transport.rejected) == {"BadSignature": 1, "ReplayedEnvelope": 1}
+
+
+def test_both_nodes_of_a_pair_compute_the_same_key_and_no_third_one_does():
+    w = world()
+    n1, n2, n3 = (w.keys[name] for name in ("n1", "n2", "n3"))
+    assert n1.shared_key(n2.public_key, b"raft batches") == n2.shared_key(n1.public_key, b"raft batches")
+    assert n1.shared_key(n2.public_key, b"raft batches") != n3.shared_key(n2.public_key, b"raft batches")
+    assert n1.shared_key(n2.public_key, b"raft batches") != n1.shared_key(n2.public_key, b"something else")

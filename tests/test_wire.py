@@ -18,7 +18,15 @@ from tomq.errors import (
     UnsupportedVersion,
 )
 from tomq.identity import signing_input
-from tomq.wire import ENVELOPE_TYPES, ClockSequence, EnvelopeOpener, FileWatermarks, SequenceCounter, seal
+from tomq.wire import (
+    ENVELOPE_TYPES,
+    ClockSequence,
+    EnvelopeOpener,
+    FileWatermarks,
+    SequenceCounter,
+    seal,
+    seal_shared,
+)
 
 SENSOR = key("s1")
 OTHER = key("s2")
@@ -287,3 +295,25 @@ def test_an_opened_envelope_of_other_bytes_is_no_shortcut():
     forged[-1] ^= 1  # a signature that does not verify
     with pytest.raises(BadSignature):
         opener().open(bytes(forged), NOW, opened=opener().open(good, NOW))
+
+
+def test_an_envelope_between_two_nodes_carries_a_mac_any_bit_flip_of_which_is_refused():
+    shared = SENSOR.shared_key(OTHER.public_key, b"test")
+    data = seal_shared(shared, SENSOR.id, seq=3, time_ms=NOW * 1000, type="raft", body={"m": [b"x"]})
+    envelope = opener().open_shared(data, NOW, lambda certificate: shared if certificate.name == "s1" else None)
+    assert (envelope.sender, envelope.seq, envelope.body) == (SENSOR.id, 3, {"m": [b"x"]})
+    for index in range(len(data)):
+        damaged = bytearray(data)
+        damaged[index] ^= 0x10
+        with pytest.raises(EnvelopeRejected):
+            opener().open_shared(bytes(damaged), NOW, lambda certificate: shared)
+    with pytest.raises(BadSignature, match="shares no key"):
+        opener().open_shared(data, NOW, lambda certificate: None)
+    with pytest.raises(BadSignature, match="does not verify"):
+        opener().open_shared(data, NOW, lambda certificate: OTHER.shared_key(SENSOR.public_key, b"other"))
+    with pytest.raises(BadSignature, match="no 32-byte MAC"):  # a signed envelope is not a MAC'd one
+        opener().open_shared(reading(), NOW, lambda certificate: shared)
+    stranger = key("s9")
+    with pytest.raises(UnknownSender):
+        opener().open_shared(seal_shared(shared, stranger.id, seq=1, time_ms=0, type="raft", body={}), NOW,
+                             lambda certificate: shared)

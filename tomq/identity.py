@@ -26,8 +26,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypair
-from nacl.exceptions import BadSignatureError
+from nacl.bindings import (
+    crypto_scalarmult,
+    crypto_sign,
+    crypto_sign_ed25519_pk_to_curve25519,
+    crypto_sign_ed25519_sk_to_curve25519,
+    crypto_sign_open,
+    crypto_sign_seed_keypair,
+)
+from nacl.exceptions import BadSignatureError, CryptoError
 
 from tomq.errors import ConfigError, KeyFilePermissionError
 
@@ -107,6 +114,21 @@ class SigningKey:
 
     def sign(self, message: bytes) -> bytes:
         return crypto_sign(message, self._secret)[:SIGNATURE_BYTES]  # libsodium returns signature + message
+
+    def shared_key(self, peer: PublicKey, purpose: bytes) -> bytes:
+        """A 32-byte key that only this key's holder and `peer`'s can compute, one per `purpose`.
+
+        X25519 between the two Ed25519 keys' Montgomery forms (libsodium converts them), hashed with
+        both public keys and the purpose. Either side gets the same key. ValueError for a peer key
+        that is not a valid point or is of small order (the exchange would give a known secret)."""
+        try:
+            shared = crypto_scalarmult(crypto_sign_ed25519_sk_to_curve25519(self._secret),
+                                       crypto_sign_ed25519_pk_to_curve25519(peer.raw))
+        except (CryptoError, ValueError, TypeError) as exc:
+            raise ValueError(f"no key can be shared with {peer.id}: {exc}") from None
+        low, high = sorted((self.public_key.raw, peer.raw))
+        return hashlib.blake2b(b"tomq/shared/v1\x00" + purpose + b"\x00" + low + high, key=shared,
+                               digest_size=32).digest()
 
     def derive_secret(self, purpose: bytes) -> bytes:
         """A secret only the key holder can compute, e.g. its broker password; one-way from the key."""

@@ -8,11 +8,18 @@ opening an envelope close to the cost of one signature check.
 `EnvelopeOpener.open` is the only way bytes from outside become an `Envelope`. It raises one
 `EnvelopeRejected` subclass per reason and nothing else, whatever the bytes; it advances the
 sender's sequence high-water mark only for an envelope that passed every check.
+
+Between two nodes, Raft batches carry a MAC instead of a signature (`seal_shared`, `open_shared`):
+`[signed, mac]` with a 32-byte keyed BLAKE2b of `b"tomq/envelope-mac/v1\\0" + signed` under the key
+only those two nodes can compute (`SigningKey.shared_key`). It proves the sender to the receiver, as
+a signature does, but to nobody else, which Raft traffic does not need; and it costs about a
+microsecond where signing costs 20 us and verifying 54 us here, each twice per committed record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +44,8 @@ from tomq.identity import SIGNATURE_BYTES, PublicKey, SigningKey, signing_input
 
 ENVELOPE_VERSION = 1
 _DOMAIN = b"tomq/envelope/v1\x00"
+_MAC_DOMAIN = b"tomq/envelope-mac/v1\x00"
+MAC_BYTES = 32
 _FIELDS = frozenset({"v", "from", "seq", "t", "type", "body"})
 DEFAULT_MAX_BYTES = 64 * 1024
 MAX_SEQ = 2**63 - 1
@@ -65,7 +74,7 @@ class Envelope:
     time_ms: int
     type: str
     body: Any
-    signature: bytes
+    signature: bytes  # or the MAC, for an envelope between two nodes (`open_shared`)
     wire: bytes  # exactly what was signed and sent; its hash names this envelope in the ledger
 
     @property
@@ -84,6 +93,21 @@ def seal(key: SigningKey, *, seq: int, time_ms: int, type: str, body: Any) -> by
     )
     signature = key.sign(signing_input(_DOMAIN, signed))
     return canonical.encode([signed, signature])
+
+
+def seal_shared(key: bytes, sender: str, *, seq: int, time_ms: int, type: str, body: Any) -> bytes:
+    """`seal` for a receiver that shares `key` with `sender` (an identity id): a MAC, not a signature."""
+    if type not in ENVELOPE_TYPES:
+        raise ValueError(f"unknown envelope type {type!r}")
+    if not 1 <= seq <= MAX_SEQ:
+        raise ValueError(f"sequence number {seq} must be in 1..2^63-1")
+    signed = canonical.encode({"v": ENVELOPE_VERSION, "from": sender, "seq": seq, "t": time_ms, "type": type,
+                               "body": body})
+    return canonical.encode([signed, envelope_mac(key, signed)])
+
+
+def envelope_mac(key: bytes, signed: bytes) -> bytes:
+    return hashlib.blake2b(_MAC_DOMAIN + signed, key=key, digest_size=MAC_BYTES).digest()
 
 
 class SequenceWatermarks(Protocol):
@@ -273,6 +297,26 @@ class EnvelopeOpener:
             raise BadSignature(f"signature of envelope {fields['seq']} from {sender} does not verify", sender)
         return self._admit(Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature,
                                     data), certificate, now)
+
+    def open_shared(self, data: bytes, now: float, key_for: Callable[[Certificate], bytes | None]) -> Envelope:
+        """`open` for an envelope sealed with `seal_shared`: `key_for(sender's certificate)` gives the key
+        this receiver shares with the sender (None: none, refused). It may itself refuse the sender by
+        raising an `EnvelopeRejected` (the caller's own rule: who may send on this topic), before the
+        MAC is computed. The same checks as `open` otherwise, the MAC in place of the signature."""
+        data, signed, mac, fields = _unpack(data, self.max_bytes, self.accepted_types)
+        sender = fields["from"]
+        certificate = self.trust.by_id(sender)
+        if certificate is None:
+            raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
+        key = key_for(certificate)
+        if key is None:
+            raise BadSignature(f"{certificate.name} ({sender}) shares no key with this receiver", sender)
+        if len(mac) != MAC_BYTES:
+            raise BadSignature(f"envelope from {certificate.name} carries no {MAC_BYTES}-byte MAC ({len(mac)} bytes)", sender)
+        if not hmac.compare_digest(mac, envelope_mac(key, signed)):
+            raise BadSignature(f"MAC of envelope {fields['seq']} from {certificate.name} does not verify", sender)
+        return self._admit(Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], mac, data),
+                           certificate, now)
 
     def _admit(self, envelope: Envelope, certificate: Certificate, now: float) -> Envelope:
         """The checks of a well-signed envelope from `certificate`'s holder that depend on when it is opened."""
