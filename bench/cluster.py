@@ -76,6 +76,7 @@ from bench.common import (
     median,
     num,
     percentile,
+    scheduler_seconds,
     wait_for_port,
     wait_until,
     which,
@@ -221,8 +222,15 @@ class TomqCluster:
     """A broker and N `tomq node` processes on loopback, in a fresh cluster directory."""
 
     def __init__(self, processes: Processes, workdir: Path, broker: str, nodes: int,
-                 node_args: tuple[str, ...] = ()) -> None:
+                 node_args: tuple[str, ...] = (), *, checkout: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        """`checkout`: run the broker and nodes from another clone of tomq (its .venv and, as the
+        working directory, its sources: `python -m tomq` puts the cwd first on sys.path); `env`:
+        extra environment for them. Both for bench/ab.py."""
         self.processes = processes
+        self.python = str(checkout / ".venv" / "bin" / "python") if checkout is not None else PYTHON
+        self.cwd = checkout
+        self.env = env or {}
         self.node_args = node_args
         self.workdir = workdir
         self.broker_kind = broker
@@ -246,21 +254,21 @@ class TomqCluster:
             config = write_mosquitto_config(self.directory, self.workdir / "mosquitto", self.port)
             argv = [binary, "-c", str(config)]
         else:
-            argv = [PYTHON, "-m", "tomq", "broker", str(self.directory), "--port", str(self.port)]
-        self.broker = self.processes.start(argv, self.workdir / f"{self.broker_kind}.log")
+            argv = [self.python, "-m", "tomq", "broker", str(self.directory), "--port", str(self.port)]
+        self.broker = self.processes.start(argv, self.workdir / f"{self.broker_kind}.log", cwd=self.cwd, env=self.env)
         wait_for_port(self.port, self.broker)
         for name in self.names:
             self.start_node(name)
         wait_until(lambda: self.leader() is not None, 30, "a leader")
 
     def start_node(self, name: str) -> None:
-        argv = [PYTHON, "-m", "tomq", "node", str(self.directory), "--id", name, "--host", "127.0.0.1",
+        argv = [self.python, "-m", "tomq", "node", str(self.directory), "--id", name, "--host", "127.0.0.1",
                 "--port", str(self.port), "--ledger-dir", str(self.workdir / "shared-ledger"),
                 "--metrics-port", "0", *self.node_args]
         self.metrics_ports.pop(name, None)
         log_path = self.workdir / f"{name}.log"
         self.log_offsets[name] = log_path.stat().st_size if log_path.exists() else 0
-        self.nodes[name] = self.processes.start(argv, log_path)
+        self.nodes[name] = self.processes.start(argv, log_path, cwd=self.cwd, env=self.env)
 
     def metrics_port(self, name: str) -> int:
         """The port this run of the node logged (OSError until it has)."""
@@ -484,6 +492,8 @@ class TomqResult:
     failover: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # runs that did not complete
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU share over the throughput runs
+    # Per record of each latency run: process -> (ms on a CPU, ms runnable but waiting for one).
+    latency_cpu: list[dict[str, tuple[float, float]]] = field(default_factory=list)
     # etcd's put p50 measured in turns with this cluster's latency runs, one before each (a fresh
     # 3-member etcd, up beside this cluster): the machine is shared and its speed drifts by half
     # within a minute, so each latency run is compared with an etcd run taken a second before it,
@@ -537,11 +547,22 @@ def bench_tomq(processes: Processes, broker: str, nodes: int, args: argparse.Nam
                         result.anchor_p50.append(etcd_p50)
                         log(f"  etcd beside it: latency run {run + 1}: p50 {etcd_p50 * 1000:.2f} ms")
                     probe.measure(10)  # warm-up again: the ticks and reports held up by the pause go first
+                watched = {"broker": running.broker, **running.nodes}
+                before = scheduler_seconds(watched)
                 latencies = probe.measure(args.latency_count)
+                after = scheduler_seconds(watched)
+                leader = running.leader()
+                result.latency_cpu.append({
+                    f"{name} (leader)" if name == leader else name:
+                        ((after[name][0] - before[name][0]) / len(latencies) * 1000,
+                         (after[name][1] - before[name][1]) / len(latencies) * 1000)
+                    for name in after if name in before})
                 result.p50.append(percentile(latencies, 0.5))
                 result.p99.append(percentile(latencies, 0.99))
+                per_record = result.latency_cpu[-1]
                 log(f"  {result.label}: latency run {run + 1}: p50 {result.p50[-1] * 1000:.1f} ms, "
-                    f"p99 {result.p99[-1] * 1000:.1f} ms")
+                    f"p99 {result.p99[-1] * 1000:.1f} ms; per record {sum(v[0] for v in per_record.values()):.1f} ms "
+                    f"on a CPU, {sum(v[1] for v in per_record.values()):.1f} ms waiting for one")
         finally:
             probe.close()
             client.link.subscribe(audit_topics)
@@ -894,6 +915,15 @@ def print_table(results: list[TomqResult], etcd: EtcdResult | None, verify: floa
         print("  p50 ratio: median over latency runs of tomq p50 / the p50 of an etcd run taken just before it,")
         print("  on a fresh etcd up beside that cluster (etcd p50 ms: their median); else against the anchor's runs")
         print()
+    print("Per record of the latency runs (median of runs), ms on a CPU / ms runnable but waiting for one:")
+    for r in results:
+        if r.latency_cpu:
+            names = list(r.latency_cpu[-1])
+            cells = [f"{name} {median([run[name][0] for run in r.latency_cpu if name in run]):.2f}"
+                     f"/{median([run[name][1] for run in r.latency_cpu if name in run]):.2f}" for name in names]
+            print(f"  {r.label}: " + ", ".join(cells))
+    print("  (one record at a time: every process's CPU time, and every wait for a core, is in some record's way)")
+    print()
     print("CPU per process over the throughput runs (1.00 = one core busy):")
     for r in results:
         if r.cpu:

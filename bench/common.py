@@ -104,10 +104,11 @@ class Processes:
     def __init__(self) -> None:
         self.running: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    def start(self, argv: list[str], log_path: Path, *, cwd: Path | None = None,
+              env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
+                                       env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         self.running.append(process)
         return process
 
@@ -142,6 +143,24 @@ def cpu_seconds(processes: Mapping[str, subprocess.Popen[bytes] | None]) -> dict
                 fields = Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()
                 used[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return used
+
+
+def scheduler_seconds(processes: Mapping[str, subprocess.Popen[bytes] | None]) -> dict[str, tuple[float, float]]:
+    """(seconds on a CPU, seconds runnable but waiting for one) so far, summed over the threads of each
+    live process and of this one as "client" (/proc/<pid>/task/<tid>/schedstat). On a small machine
+    the wait is where a latency goes that no process's own work explains."""
+    pids = {"client": os.getpid(), **{name: p.pid for name, p in processes.items() if p is not None}}
+    times: dict[str, tuple[float, float]] = {}
+    for name, pid in pids.items():
+        running = waiting = 0
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError):
+                    on_cpu, runnable, _ = (task / "schedstat").read_text().split()
+                    running += int(on_cpu)
+                    waiting += int(runnable)
+            times[name] = (running / 1e9, waiting / 1e9)
+    return times
 
 
 def cpu_shares(before: dict[str, float], after: dict[str, float], elapsed: float,
