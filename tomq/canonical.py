@@ -25,11 +25,9 @@ class CanonicalDecodeError(TomqError):
 
 
 def encode(value: Any) -> bytes:
-    # cbor2's canonical mode costs four times its plain mode (it sorts every map's keys and tries
-    # every float in shorter forms). For the values tomq encodes (maps with their keys already in
-    # canonical order, no floats) both give the same bytes; a walk in Python finds out for less.
-    if _plain_is_canonical(value, 0):
-        return cbor2.dumps(value)
+    # Maps tomq builds are never in canonical key order (it writes their fields as they read), so a
+    # plain-mode shortcut like decode's (below) misses here; rebuilding them in order in Python cost
+    # more than cbor2's canonical mode (8.3 against 7.9 us for a Raft batch envelope).
     return cbor2.dumps(value, canonical=True)
 
 
@@ -121,32 +119,6 @@ def _keys_in_canonical_order(mapping: dict[Any, Any]) -> bool:
     if len(_ORDERED_KEYS) < _ORDERED_KEYS_MAX and sum(map(len, keys)) <= 512:
         _ORDERED_KEYS[keys] = ordered
     return ordered
-
-
-def _plain_is_canonical(value: Any, depth: int) -> bool:
-    """Whether cbor2's plain encoding of `value` is its canonical one (see `encode`)."""
-    kind = type(value)
-    if kind is dict:
-        if not _keys_in_canonical_order(value):
-            return False
-        items = value.values()
-    elif kind is list or kind is tuple:
-        items = value
-    else:
-        return kind in _LEAVES and (kind is not int or -(2**64) <= value < 2**64)
-    if depth >= MAX_NESTING:
-        return False  # let the canonical encoder decide what to do with it
-    for item in items:  # leaves inline: a call per leaf cost more than it saved
-        kind = type(item)
-        if kind is bytes or kind is str or kind is bool or item is None:
-            continue
-        if kind is int:
-            if not -(2**64) <= item < 2**64:
-                return False
-            continue
-        if not _plain_is_canonical(item, depth + 1):
-            return False
-    return True
 
 
 def _one_line(exc: BaseException) -> str:
