@@ -46,14 +46,11 @@ REPO = Path(__file__).resolve().parents[1]
 WARM_UP = 10
 
 
-def environment(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--env-a/--env-b take KEY=VALUE, not {pair!r}")
-        env[key] = value
-    return env
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key, value
 
 
 class Side:
@@ -128,7 +125,7 @@ class Side:
 
 def start_pair(processes: Processes, args: argparse.Namespace, mine: Path, other: Path) -> list[Side]:
     sides = []
-    for label, checkout, env in (("A", mine, environment(args.env_a)), ("B", other, environment(args.env_b))):
+    for label, checkout, env in (("A", mine, dict(args.env_a)), ("B", other, dict(args.env_b))):
         workdir = Path(tempfile.mkdtemp(prefix=f"tomq-ab-{label}-"))
         cluster = TomqCluster(processes, workdir, args.broker, args.nodes, tuple(args.node_args.split()),
                               checkout=checkout, env=env)
@@ -149,8 +146,8 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--broker", choices=("mosquitto", "amqtt"), default="mosquitto")
-    parser.add_argument("--env-a", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--env-b", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--env-a", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--env-b", type=key_value, action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--node-args", default="", help="extra `tomq node` options for both sides")
     args = parser.parse_args()
     mine, other = args.a.resolve(), args.other.resolve()

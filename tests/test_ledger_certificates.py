@@ -32,14 +32,19 @@ from tomq.records import ID_CREATE, Identity, Record
 from tomq.wire import seal
 
 
-@pytest.fixture
-def follower(tmp_path: Path):
+def ledger_node(tmp_path: Path, name: str) -> NodeDaemon:
+    """Node `name` of a fresh 3-node cluster (with sensor s1 enrolled), with its ledger service."""
     directory = tmp_path / "cluster"
     cluster.init(directory, ["n1", "n2", "n3"])
     cluster.add_member(directory, "s1", "sensor")
     write_genesis(directory)
-    node = NodeDaemon(directory, "n2", lambda n: LedgerService(n))
-    yield node, node.applier, cluster.load(directory)
+    return NodeDaemon(directory, name, lambda n: LedgerService(n))
+
+
+@pytest.fixture
+def follower(tmp_path: Path):
+    node = ledger_node(tmp_path, "n2")
+    yield node, node.applier, cluster.load(node.cluster.directory)
     node.applier.close()
 
 
@@ -97,12 +102,8 @@ def test_forged_or_short_certificates_leave_the_block_uncertified_and_a_valid_on
 def test_a_leader_certifies_with_its_followers_signatures_before_its_own(tmp_path: Path):
     # Every node checks each signature of a certificate but its own: with the followers' two, each
     # follower checks one; with the leader's and one follower's, the other follower checks two.
-    directory = tmp_path / "cluster"
-    cluster.init(directory, ["n1", "n2", "n3"])
-    cluster.add_member(directory, "s1", "sensor")
-    write_genesis(directory)
-    node = NodeDaemon(directory, "n1", lambda n: LedgerService(n))
-    ledger, loaded = node.applier, cluster.load(directory)
+    node = ledger_node(tmp_path, "n1")
+    ledger, loaded = node.applier, cluster.load(node.cluster.directory)
     try:
         n1, n2, n3 = (loaded.signing_key(name) for name in ("n1", "n2", "n3"))
         digest, block_entry = committed_block(ledger, loaded, index=3)
