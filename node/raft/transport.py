@@ -4,7 +4,7 @@ A batch to node `to` is published on `tomq/<cluster>/node/<to>/raft/<from>` as a
 "raft" whose body is `{"m": [encoded messages], "x": extras}`, sealed with a MAC under the key that
 only `<from>` and `<to>` can compute from their certified keys (tomq/wire.py `seal_shared`; Raft
 traffic needs no proof to third parties, and a signature and its check cost 74 us per batch here,
-the MAC one). The broker's ACL already lets a client publish only where `<from>` is its own name;
+the MAC about 1 us). The broker's ACL already lets a client publish only where `<from>` is its own name;
 the receiver checks again that the envelope comes from the certified node `<from>` (its MAC under
 their shared key, which nobody else holds) and that every message inside claims to be from it, so
 a compromised broker, or another node, cannot forge Raft traffic either.
@@ -102,6 +102,7 @@ class RaftTransport:
             return
         if self.refusals.is_quarantined(sender):
             return
+
         def key_for(certificate: Certificate) -> bytes | None:
             # Before the MAC is computed: an envelope from anyone but the node this topic names.
             if certificate.name != sender or certificate.role != "node":
