@@ -32,15 +32,12 @@ import contextlib
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cluster import ID_CREATE, Client, LatencyProbe, TomqCluster, stopped_at_exit
-from bench.common import Processes, cpu_seconds, log
-from tomq import cluster
-from tomq.records import Identity, Record
+from bench.cluster import Client, LatencyProbe, TomqCluster, join_sensor, stopped_at_exit
+from bench.common import Processes, log, per_record_ms, percentile, scheduler_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 WARM_UP = 10
@@ -81,11 +78,7 @@ class Side:
         assert self.cluster is not None
         directory = self.cluster.directory
         self.client = Client(directory)
-        proof = (directory / "members" / "s1" / "cert.cbor").read_bytes()
-        join, seq = self.client.seal(Record(ID_CREATE, Identity("s1", "device", proof), int(time.time() * 1000)).to_map())
-        self.client.propose(join)
-        self.client.wait_all([seq], quiet=1.0, stall=30)
-        self.client.link.unsubscribe(f"{cluster.load(directory).topics.root}/audit/#")  # the probe alone reads them
+        join_sensor(self.client, directory)
         self.probe = LatencyProbe(self.client, directory)
         self.probe.measure(3 * WARM_UP)
 
@@ -93,16 +86,15 @@ class Side:
         assert self.probe is not None and self.cluster is not None
         processes = {"broker": self.cluster.broker, **self.cluster.nodes}
         self.probe.measure(WARM_UP)
-        before = cpu_seconds(processes)
+        before = scheduler_seconds(processes)
         latencies = self.probe.measure(count)
-        after = cpu_seconds(processes)
-        leader = self.cluster.leader()
-        used = {name: (after[name] - before[name]) / count * 1000 for name in after}
+        used = {name: on_cpu for name, (on_cpu, _) in
+                per_record_ms(before, scheduler_seconds(processes), count, self.cluster.leader()).items()}
         self.p50s.append(statistics.median(latencies) * 1000)
         self.cpu.append(sum(used.values()))
-        self.cpu_by_kind.append({"client": used["client"], "broker": used.get("broker", 0.0),
-                                 "leader": used.get(leader or "", 0.0),
-                                 "followers": sum(v for k, v in used.items() if k.startswith("n") and k != leader)})
+        self.cpu_by_kind.append({"client": used.get("client", 0.0), "broker": used.get("broker", 0.0),
+                                 "leader": sum(v for k, v in used.items() if k.endswith("(leader)")),
+                                 "followers": sum(v for k, v in used.items() if k.startswith("n") and "(" not in k)})
         self.latencies.extend(latencies)
 
     def close(self) -> None:
@@ -114,12 +106,8 @@ class Side:
     def summary(self) -> str:
         kinds = " ".join(f"{kind} {statistics.median(row[kind] for row in self.cpu_by_kind):.2f}"
                          for kind in ("client", "broker", "leader", "followers"))
-        ordered = sorted(self.latencies)
-
-        def at(fraction: float) -> float:
-            return ordered[int(fraction * (len(ordered) - 1))] * 1000
-
-        return (f"{self.label}: p50 {at(0.5):.2f} p90 {at(0.9):.2f} p99 {at(0.99):.2f} ms over {len(ordered)} records; "
+        p50, p90, p99 = (percentile(self.latencies, fraction) * 1000 for fraction in (0.5, 0.9, 0.99))
+        return (f"{self.label}: p50 {p50:.2f} p90 {p90:.2f} p99 {p99:.2f} ms over {len(self.latencies)} records; "
                 f"CPU ms per record: {kinds} (total {statistics.median(self.cpu):.2f})")
 
 

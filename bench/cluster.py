@@ -75,6 +75,7 @@ from bench.common import (
     log_tails,
     median,
     num,
+    per_record_ms,
     percentile,
     scheduler_seconds,
     wait_for_port,
@@ -367,6 +368,18 @@ class TomqCluster:
 # --------------------------------------------------------------------------- tomq: the measurements
 
 
+def join_sensor(client: Client, directory: Path) -> str:
+    """Commit the join of sensor s1 (whose readings the client proposes), then leave the audit lines to
+    a LatencyProbe: the client's subscription to them is dropped. Returns that filter, to take it again."""
+    proof = (directory / "members" / "s1" / "cert.cbor").read_bytes()
+    join, seq = client.seal(Record(ID_CREATE, Identity("s1", "device", proof), int(time.time() * 1000)).to_map())
+    client.propose(join)
+    client.wait_all([seq], quiet=1.0, stall=30)
+    audit_topics = f"{cluster.load(directory).topics.root}/audit/#"
+    client.link.unsubscribe(audit_topics)
+    return audit_topics
+
+
 class LatencyProbe:
     """The latency client: one thread, like the etcd client below (sequential puts on one kept-alive
     connection). Its MQTT link is pumped here, so a publish is written on this thread and the audit
@@ -523,12 +536,7 @@ def bench_tomq(processes: Processes, broker: str, nodes: int, args: argparse.Nam
     try:
         running.start()
         client = Client(running.directory)
-        proof = (running.directory / "members" / "s1" / "cert.cbor").read_bytes()
-        join, seq = client.seal(Record(ID_CREATE, Identity("s1", "device", proof), int(time.time() * 1000)).to_map())
-        client.propose(join)
-        client.wait_all([seq], quiet=1.0, stall=30)
-        audit_topics = f"{cluster.load(running.directory).topics.root}/audit/#"
-        client.link.unsubscribe(audit_topics)  # the probe alone reads the audit lines meanwhile
+        audit_topics = join_sensor(client, running.directory)
         probe = LatencyProbe(client, running.directory)
         try:
             probe.measure(10)  # warm-up
@@ -550,13 +558,8 @@ def bench_tomq(processes: Processes, broker: str, nodes: int, args: argparse.Nam
                 watched = {"broker": running.broker, **running.nodes}
                 before = scheduler_seconds(watched)
                 latencies = probe.measure(args.latency_count)
-                after = scheduler_seconds(watched)
-                leader = running.leader()
-                result.latency_cpu.append({
-                    f"{name} (leader)" if name == leader else name:
-                        ((after[name][0] - before[name][0]) / len(latencies) * 1000,
-                         (after[name][1] - before[name][1]) / len(latencies) * 1000)
-                    for name in after if name in before})
+                result.latency_cpu.append(per_record_ms(before, scheduler_seconds(watched), len(latencies),
+                                                        running.leader()))
                 result.p50.append(percentile(latencies, 0.5))
                 result.p99.append(percentile(latencies, 0.99))
                 per_record = result.latency_cpu[-1]

@@ -163,6 +163,14 @@ def scheduler_seconds(processes: Mapping[str, subprocess.Popen[bytes] | None]) -
     return times
 
 
+def per_record_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], count: int,
+                  leader: str | None = None) -> dict[str, tuple[float, float]]:
+    """`scheduler_seconds` differences in ms per record of `count`, by process; the leader, if named, marked."""
+    return {f"{name} (leader)" if name == leader else name:
+            ((after[name][0] - before[name][0]) / count * 1000, (after[name][1] - before[name][1]) / count * 1000)
+            for name in after if name in before}
+
+
 def cpu_shares(before: dict[str, float], after: dict[str, float], elapsed: float,
                leader: str | None = None) -> dict[str, float]:
     """Each process's CPU use over `elapsed` seconds, 1.0 being one core busy; the leader, if named, marked."""

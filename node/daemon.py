@@ -126,7 +126,7 @@ class NodeDaemon:
         self._peers_of: frozenset[str] = frozenset()
         self._extras: deque[tuple[str, dict[str, Any]]] = deque()  # peers' extras, taken after the Ready
         self._peer_names: list[str] = []
-        self._raft_inbox_prefix = f"{self._node_prefix}{self.name}/raft/"
+        self._raft_inbox_prefix = self.topics.raft_inbox_prefix(self.name)
         self.watermarks = FileWatermarks(self.data_dir / "watermarks")
         self.counter = SequenceCounter(self.data_dir / "sequence")
         # One sequence for every record and command this node seals (orchestrator, device presence,

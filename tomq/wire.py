@@ -84,26 +84,22 @@ class Envelope:
 
 def seal(key: SigningKey, *, seq: int, time_ms: int, type: str, body: Any) -> bytes:
     """Sign and encode one envelope. The caller owns sequence numbers (see SequenceCounter)."""
-    if type not in ENVELOPE_TYPES:
-        raise ValueError(f"unknown envelope type {type!r}")
-    if not 1 <= seq <= MAX_SEQ:
-        raise ValueError(f"sequence number {seq} must be in 1..2^63-1")
-    signed = canonical.encode(
-        {"v": ENVELOPE_VERSION, "from": key.id, "seq": seq, "t": time_ms, "type": type, "body": body}
-    )
-    signature = key.sign(signing_input(_DOMAIN, signed))
-    return canonical.encode([signed, signature])
+    signed = _signed_part(key.id, seq, time_ms, type, body)
+    return canonical.encode([signed, key.sign(signing_input(_DOMAIN, signed))])
 
 
 def seal_shared(key: bytes, sender: str, *, seq: int, time_ms: int, type: str, body: Any) -> bytes:
     """`seal` for a receiver that shares `key` with `sender` (an identity id): a MAC, not a signature."""
+    signed = _signed_part(sender, seq, time_ms, type, body)
+    return canonical.encode([signed, envelope_mac(key, signed)])
+
+
+def _signed_part(sender: str, seq: int, time_ms: int, type: str, body: Any) -> bytes:
     if type not in ENVELOPE_TYPES:
         raise ValueError(f"unknown envelope type {type!r}")
     if not 1 <= seq <= MAX_SEQ:
         raise ValueError(f"sequence number {seq} must be in 1..2^63-1")
-    signed = canonical.encode({"v": ENVELOPE_VERSION, "from": sender, "seq": seq, "t": time_ms, "type": type,
-                               "body": body})
-    return canonical.encode([signed, envelope_mac(key, signed)])
+    return canonical.encode({"v": ENVELOPE_VERSION, "from": sender, "seq": seq, "t": time_ms, "type": type, "body": body})
 
 
 def envelope_mac(key: bytes, signed: bytes) -> bytes:
@@ -281,22 +277,15 @@ class EnvelopeOpener:
                 raise BodyTooLarge(f"envelope of {len(data)} bytes exceeds the limit of {self.max_bytes}")
             if opened.type not in self.accepted_types:
                 raise UnknownEnvelopeType(f"envelope type {opened.type[:40]!r} is not accepted here", opened.sender)
-            certificate = self.trust.by_id(opened.sender)
-            if certificate is None:
-                raise UnknownSender(f"sender {opened.sender} has no membership certificate in this cluster",
-                                    opened.sender)
-            return self._admit(opened, certificate, now)
+            return self._admit(opened, self._certificate_of(opened.sender), now)
         data, signed, signature, fields = _unpack(data, self.max_bytes, self.accepted_types)
         sender = fields["from"]
-        certificate = self.trust.by_id(sender)
-        if certificate is None:
-            raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
+        certificate = self._certificate_of(sender)
         if len(signature) != SIGNATURE_BYTES:
             raise BadSignature(f"envelope from {sender} has no valid signature ({len(signature)} bytes)", sender)
         if not certificate.subject.verify(signature, signing_input(_DOMAIN, signed)):
             raise BadSignature(f"signature of envelope {fields['seq']} from {sender} does not verify", sender)
-        return self._admit(Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature,
-                                    data), certificate, now)
+        return self._admit(_envelope(fields, signature, data), certificate, now)
 
     def open_shared(self, data: bytes, now: float, key_for: Callable[[Certificate], bytes | None]) -> Envelope:
         """`open` for an envelope sealed with `seal_shared`: `key_for(sender's certificate)` gives the key
@@ -305,9 +294,7 @@ class EnvelopeOpener:
         MAC is computed. The same checks as `open` otherwise, the MAC in place of the signature."""
         data, signed, mac, fields = _unpack(data, self.max_bytes, self.accepted_types)
         sender = fields["from"]
-        certificate = self.trust.by_id(sender)
-        if certificate is None:
-            raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
+        certificate = self._certificate_of(sender)
         key = key_for(certificate)
         if key is None:
             raise BadSignature(f"{certificate.name} ({sender}) shares no key with this receiver", sender)
@@ -315,8 +302,13 @@ class EnvelopeOpener:
             raise BadSignature(f"envelope from {certificate.name} carries no {MAC_BYTES}-byte MAC ({len(mac)} bytes)", sender)
         if not hmac.compare_digest(mac, envelope_mac(key, signed)):
             raise BadSignature(f"MAC of envelope {fields['seq']} from {certificate.name} does not verify", sender)
-        return self._admit(Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], mac, data),
-                           certificate, now)
+        return self._admit(_envelope(fields, mac, data), certificate, now)
+
+    def _certificate_of(self, sender: str) -> Certificate:
+        certificate = self.trust.by_id(sender)
+        if certificate is None:
+            raise UnknownSender(f"sender {sender} has no membership certificate in this cluster", sender)
+        return certificate
 
     def _admit(self, envelope: Envelope, certificate: Certificate, now: float) -> Envelope:
         """The checks of a well-signed envelope from `certificate`'s holder that depend on when it is opened."""
@@ -354,7 +346,12 @@ def open_signed_by(data: bytes, key: PublicKey, *, name: str, accepted_types: fr
         raise ReplayedEnvelope(f"envelope {fields['seq']} from {name} is not above its high-water mark {high_water}",
                                sender)
     watermarks.advance(sender, fields["seq"])
-    return Envelope(sender, fields["seq"], fields["t"], fields["type"], fields["body"], signature, data)
+    return _envelope(fields, signature, data)
+
+
+def _envelope(fields: dict[str, Any], proof: bytes, data: bytes) -> Envelope:
+    """The opened envelope; `proof` is its signature or MAC."""
+    return Envelope(fields["from"], fields["seq"], fields["t"], fields["type"], fields["body"], proof, data)
 
 
 def _unpack(data: Any, max_bytes: int, accepted_types: frozenset[str]) -> tuple[bytes, bytes, bytes, dict[str, Any]]:
