@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from tomq.ports import free_port as free_port  # the benches import it from here
+
 PYTHON = sys.executable
 SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
@@ -28,21 +30,6 @@ def log(message: str) -> None:
 
 def which(program: str) -> str | None:
     return shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now and that this process has not handed out before (one
-    handed out may not be bound yet by the server it was picked for)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

@@ -17,29 +17,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from tomq.ports import free_port as free_port  # tests import it from here
+
 PYTHON = sys.executable
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 def which(program: str) -> str | None:
     return shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), *_SBIN]))
-
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now, and never one this process handed out before: a port
-    handed out may not be bound yet by the server it was picked for, and two servers must not race
-    for one. (Any outgoing connection may still take it meanwhile; servers that can pick their own
-    port, like `--metrics-port 0`, should.)"""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 10.0,

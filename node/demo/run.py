@@ -47,6 +47,7 @@ from tomq.errors import TomqError, UsageError
 from tomq.node.demo.scenarios import SCENARIOS, Scenario
 from tomq.node.demo.view import ClusterWatcher, ViewState, render, setting_text, status_line
 from tomq.node.ledger.block import decode_block_file
+from tomq.ports import free_port
 
 NODES = ("n1", "n2", "n3")
 LEADER_TIMEOUT = 40.0  # seconds for the first leader: three Python processes starting on a small machine
@@ -121,12 +122,6 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def available_commands() -> tuple[set[str], dict[str, argparse.ArgumentParser]]:
