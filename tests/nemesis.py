@@ -130,7 +130,7 @@ class NemesisCluster:
         # breaking Python's time.sleep (clock_nanosleep returns EINVAL), so the victim's timers jump too.
         # And on the victim a timed wait on a lock (Condition/Event.wait(timeout)) does not return for
         # minutes, while time.sleep and select/poll timeouts work: node code that must keep time on
-        # the victim sleeps (the block writer; the instance worker's periodic pass still waits).
+        # the victim sleeps (the block writer) or polls (the instance worker, tomq/wakeup.py).
         return {"LD_PRELOAD": str(FAKETIME_LIBRARY), "FAKETIME_TIMESTAMP_FILE": str(self.clock_file),
                 "FAKETIME_CACHE_DURATION": "1"}
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from tomq.errors import TomqError
 from tomq.node.runtime.base import Instance, InstanceSpec, Runtime
+from tomq.wakeup import Wakeup
 
 log = logging.getLogger("tomq.instances")
 
@@ -41,7 +42,7 @@ class InstanceWorker:
         self.report = report
         self.period = period
         self._desired: dict[tuple[str, int], Desired] | None = None
-        self._wake = threading.Event()
+        self._wake = Wakeup()  # not an Event: its timed wait hung when the clock jumped (tomq/wakeup.py)
         self._stopping = threading.Event()
         self._failures: dict[tuple[str, int, int], float] = {}  # start that failed -> retry after
         self.thread = threading.Thread(target=self._run, name="tomq-instances", daemon=True)
@@ -57,11 +58,12 @@ class InstanceWorker:
         self._stopping.set()
         self._wake.set()
         self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self._wake.close()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._wake.wait(self.period)
-            self._wake.clear()
             if self._stopping.is_set():
                 break
             try:
