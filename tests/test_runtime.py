@@ -26,6 +26,7 @@ from conftest import require
 from procs import free_port, pid_alive
 from tomq.errors import UsageError
 from tomq.mqtt import wait_until
+from tomq.node.runtime import cgroups
 from tomq.node.runtime.base import Instance, InstanceFailed, InstanceSpec, Runtime, RuntimeUnavailable
 from tomq.node.runtime.docker import DockerRuntime, docker_available, host_python_mounts
 from tomq.node.runtime.process import ProcessRuntime
@@ -371,6 +372,24 @@ def test_stop_also_kills_what_left_the_instance_s_process_group(tmp_path: Path) 
         runtime.stop("esc", 0, timeout=2)
         assert wait_until(lambda: not pid_alive(escaped), 10), "a process that called setsid outlived stop()"
         assert not any(list(root.glob(f"tomq-{CLUSTER}-n1-esc-0.*")) for root in roots)
+
+
+def test_a_listed_pid_that_now_names_an_outsider_is_never_killed(tmp_path: Path) -> None:
+    """Without cgroup.kill (cgroup v1) a group is emptied pid by pid from cgroup.procs; a pid read
+    there may have been reused by an unrelated process before the kill. Here the list names a live
+    process outside the group outright: it must survive (and count as nothing killed)."""
+    import subprocess
+
+    group = tmp_path / "tomq" / f"tomq-{CLUSTER}-n1-gone-0.x"  # shaped like an instance's group, no cgroup.kill
+    group.mkdir(parents=True)
+    outsider = subprocess.Popen(["sleep", "30"])
+    try:
+        (group / "cgroup.procs").write_text(f"{outsider.pid}\n")
+        assert cgroups._empty(group, timeout=0.3) == 0
+        assert outsider.poll() is None, "a process outside the group was killed"
+    finally:
+        outsider.kill()
+        outsider.wait()
 
 
 def test_two_runtimes_with_the_same_names_keep_out_of_each_other_s_groups(tmp_path: Path) -> None:

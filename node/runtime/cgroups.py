@@ -163,14 +163,50 @@ def _empty(group: Path, timeout: float) -> int:
         if (group / "cgroup.kill").exists():  # cgroup v2 (5.14+): the kernel kills them all at once
             with contextlib.suppress(OSError):
                 (group / "cgroup.kill").write_text("1")
+            killed.update(pids)
         else:
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        killed.update(pids)
+            killed.update(pid for pid in pids if _kill_if_inside(pid, group))
         if time.monotonic() >= deadline:
             return len(killed)
         time.sleep(0.01)
+
+
+def _kill_if_inside(pid: int, group: Path) -> bool:
+    """SIGKILL `pid` if it is a process inside `group`; whether it was signalled.
+
+    Without cgroup.kill the pids read from cgroup.procs are killed one by one, and one that exited
+    since may already name an unrelated process (pids are reused; this runs as root). A pidfd pins
+    the process the pid names when it is opened: it is killed only if, after that, the pid is still
+    inside the group. (If that process died meanwhile and its pid was reused, the check sees the new
+    one, and the signal goes to the dead one's pidfd: an outsider is never hit.)"""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfds (before Linux 5.3): check, then kill, with the small window that leaves
+        if not _inside(pid, group):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            return True
+        return False
+    try:
+        if not _inside(pid, group):
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def _inside(pid: int, group: Path) -> bool:
+    """Whether the process `pid` names now is in `group` (`<hierarchy>/tomq/<name>`) of any hierarchy:
+    /proc/<pid>/cgroup lists its group per hierarchy, relative to that hierarchy's root."""
+    suffix = f"/{group.parent.name}/{group.name}"
+    return any(line.rpartition(":")[2].rstrip("/").endswith(suffix)
+               for line in _read(Path(f"/proc/{pid}/cgroup")).splitlines())
 
 
 def joining(groups: list[Path], command: list[str]) -> list[str]:
