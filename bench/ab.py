@@ -13,10 +13,11 @@ repeated on `--clusters` pairs of fresh clusters (each start draws its own leade
 
 Why: this machine's speed drifts by half within minutes, so two runs of bench/cluster.py minutes
 apart cannot tell a 5 % change from the weather. Here every round of A has a round of B within a
-second of it, and the median of the per-round ratios A/B cancels the drift. Two A/A runs (this
-checkout against itself, the defaults, about 1.5 minutes each on 2 cores) gave 0.999 and 1.044:
-differences under about 5 % are not resolved, and side A came out slower more often than not, so
-run a comparison both ways (`--a OTHER THIS`) and take both.
+second of it, and the median of the per-round ratios A/B cancels the drift. Which cluster starts
+first alternates from pair to pair: with A always first, two A/A runs (this checkout against
+itself, the defaults, about 1.5 minutes each on 2 cores) gave 0.999 and 1.044; alternating, three
+gave 0.990, 0.993 and 0.983. Differences under about 3 % are not resolved: run a comparison both
+ways (`--a OTHER THIS`) and take both.
 
 Printed: each round's p50 of A and B and their CPU per record (all processes of the cluster and
 this client); at the end the median ratio with its quartiles, the CPU per record of each kind of
@@ -111,18 +112,24 @@ class Side:
                 f"CPU ms per record: {kinds} (total {statistics.median(self.cpu):.2f})")
 
 
-def start_pair(processes: Processes, args: argparse.Namespace, mine: Path, other: Path) -> list[Side]:
-    sides = []
-    for label, checkout, env in (("A", mine, dict(args.env_a)), ("B", other, dict(args.env_b))):
+def start_pair(processes: Processes, args: argparse.Namespace, mine: Path, other: Path, pair: int) -> list[Side]:
+    """Start A's and B's cluster, [A, B]; which starts (and connects) first alternates with `pair`,
+    so that whatever starting first does to a cluster falls on both sides alike."""
+    specs = [("A", mine, dict(args.env_a)), ("B", other, dict(args.env_b))]
+    order = (0, 1) if pair % 2 == 0 else (1, 0)
+    sides: list[Side | None] = [None, None]
+    for index in order:
+        label, checkout, env = specs[index]
         workdir = Path(tempfile.mkdtemp(prefix=f"tomq-ab-{label}-"))
         cluster = TomqCluster(processes, workdir, args.broker, args.nodes, tuple(args.node_args.split()),
                               checkout=checkout, env=env)
         cluster.start()
-        sides.append(Side(f"{label} {checkout}", cluster))
-    for index, side in enumerate(sides):
-        with sides[1 - index].paused():
-            side.connect()
-    return sides
+        sides[index] = Side(f"{label} {checkout}", cluster)
+    started = [side for side in sides if side is not None]
+    for index in order:
+        with started[1 - index].paused():
+            started[index].connect()
+    return started
 
 
 def main() -> None:
@@ -146,7 +153,7 @@ def main() -> None:
     totals = [Side(f"A {mine}", None), Side(f"B {other}", None)]
     with stopped_at_exit(processes):
         for pair in range(args.clusters):
-            sides = start_pair(processes, args, mine, other)
+            sides = start_pair(processes, args, mine, other, pair)
             log(f"clusters {pair + 1} of {args.clusters}: {args.rounds} rounds of {args.per_round} records, "
                 "A and B in turn, the other paused")
             for number in range(args.rounds):
