@@ -197,8 +197,7 @@ class Uplink(SessionLoop):
                 return
         with self._lock:
             self._outbox.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
+        self._wakeup.close()
 
     def counters(self) -> UplinkCounters:
         with self._lock:

@@ -312,8 +312,7 @@ class Device(SessionLoop):
                 return
             self._closed = True
             self._outbox.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
+        self._wakeup.close()
         os.close(self._lock_fd)
 
     def _now_ms(self) -> int:

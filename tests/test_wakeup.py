@@ -3,6 +3,7 @@ clock jumps (a real libfaketime jump, as the nemesis's clock-jump victim gets)."
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import threading
@@ -41,6 +42,18 @@ def test_another_thread_cuts_a_long_wait_short():
     assert time.monotonic() - started < 5.0
     wakeup.close()
     wakeup.set()  # closed: never raises (a signal handler may call it during shutdown)
+
+
+def test_polled_beside_other_sockets_it_shows_readable_until_drained():
+    wakeup = Wakeup()
+    poller = select.poll()
+    poller.register(wakeup, select.POLLIN)  # as the MQTT loops poll it beside the broker connection
+    assert poller.poll(0) == []
+    wakeup.set()
+    assert [fd for fd, _ in poller.poll(1000)] == [wakeup.fileno()]
+    wakeup.drain()
+    assert poller.poll(0) == []
+    wakeup.close()
 
 
 # The child: an instance worker over a real process runtime, whose clock jumps 30 s ahead mid-run.

@@ -34,6 +34,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tomq.errors import TomqError, UsageError
+from tomq.wakeup import Wakeup
 
 log = logging.getLogger("tomq.mqtt")
 
@@ -93,16 +94,13 @@ class MqttLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        # Non-threaded mode only: the wake-up socket pair, and when to try the broker next.
-        self._wake_reader: socket.socket | None = None
-        self._wake_writer: socket.socket | None = None
+        # Non-threaded mode only: what cuts a pump short, and when to try the broker next.
+        self._wakeup: Wakeup | None = None
         self._stopped = False
         self._next_attempt: float | None = None  # monotonic time of the next connect attempt
         self._reconnect_delay: float | None = None  # the wait before the attempt after that
         if not threaded:
-            self._wake_reader, self._wake_writer = socket.socketpair()
-            self._wake_reader.setblocking(False)
-            self._wake_writer.setblocking(False)
+            self._wakeup = Wakeup()
             self.client.connect_timeout = PUMP_CONNECT_TIMEOUT
 
     def start(self, timeout: float = 10.0) -> None:
@@ -148,9 +146,8 @@ class MqttLink:
                     break
                 client.loop_write()
         finally:
-            for end in (self._wake_reader, self._wake_writer):
-                if end is not None:
-                    end.close()
+            if self._wakeup is not None:
+                self._wakeup.close()
 
     @property
     def connected(self) -> bool:
@@ -195,13 +192,9 @@ class MqttLink:
 
         Safe from any thread and from signal handlers: it never blocks and never raises.
         """
-        writer = self._wake_writer
-        if writer is None:
+        if self._wakeup is None:
             raise UsageError("wake() is for a link made with threaded=False")
-        try:
-            writer.send(b"\0")
-        except OSError:
-            pass  # the buffer is full (a wake-up is pending anyway) or the link is stopped
+        self._wakeup.set()
 
     def pump(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the broker or a `wake()`, handle what came, and return.
@@ -212,7 +205,8 @@ class MqttLink:
         never blocks much longer than `timeout` (a connect attempt can take up to PUMP_CONNECT_TIMEOUT
         on a black-holed host).
         """
-        if self._wake_reader is None:
+        wakeup = self._wakeup
+        if wakeup is None:
             raise UsageError("pump() is for a link made with threaded=False; this one has paho's thread")
         if self._stopped:
             time.sleep(max(0.0, timeout))
@@ -221,7 +215,7 @@ class MqttLink:
         self._reconnect_if_due()
         sock = client.socket()
         wait = min(max(0.0, timeout), KEEPALIVE_SECONDS / 2)  # a long timeout must not starve the pings
-        watched: list[tuple[Any, int]] = [(self._wake_reader, select.POLLIN)]
+        watched: list[tuple[Any, int]] = [(wakeup, select.POLLIN)]
         if sock is None:
             if self._next_attempt is not None:
                 wait = min(wait, max(0.0, self._next_attempt - time.monotonic()))
@@ -233,11 +227,8 @@ class MqttLink:
             events = poll_sockets(watched, wait)
         except (OSError, ValueError):  # the socket was closed under us: handled as a lost connection
             events = {}
-        if self._wake_reader.fileno() in events:
-            try:
-                self._wake_reader.recv(4096)
-            except BlockingIOError:
-                pass
+        if wakeup.fileno() in events:
+            wakeup.drain()
         if sock is not None:
             ready = events.get(sock.fileno(), 0)
             if ready & ~select.POLLOUT or _pending(sock):  # data, or a hang-up/error loop_read will see
@@ -318,15 +309,6 @@ def poll_sockets(watched: list[tuple[Any, int]], timeout: float) -> dict[int, in
     for sock, mask in watched:
         poller.register(sock, mask)
     return dict(poller.poll(math.ceil(max(0.0, timeout) * 1000)))
-
-
-def drain_socket(sock: socket.socket) -> None:
-    """Read and drop whatever a non-blocking socket holds (a wake-up pipe's bytes)."""
-    try:
-        while sock.recv(4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
 
 
 def close_without_disconnect(sock: Any) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import enum
 import logging
 import select
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tomq.mqtt import close_without_disconnect, disable_nagle, drain_socket, poll_sockets
+from tomq.mqtt import close_without_disconnect, disable_nagle, poll_sockets
+from tomq.wakeup import Wakeup
 
 log = logging.getLogger("tomq.mqtt")
 
@@ -54,9 +54,7 @@ class SessionLoop:
         self.label = label  # "device temp1", "uplink s1": how log lines name us
         self.host, self.port, self.keepalive = host, port, keepalive
         self._accepted = False  # set by the subclass's on_connect once the broker accepted us
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
+        self._wakeup = Wakeup()  # closed by the subclass once its network thread has ended
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -124,11 +122,11 @@ class SessionLoop:
                 self._serve(client)
             mask = select.POLLIN | (select.POLLOUT if client.want_write() else 0)
             try:
-                events = poll_sockets([(self._wake_reader, select.POLLIN), (sock, mask)], self.keepalive / 2)
+                events = poll_sockets([(self._wakeup, select.POLLIN), (sock, mask)], self.keepalive / 2)
             except (OSError, ValueError):
                 events = {}
-            if self._wake_reader.fileno() in events:
-                drain_socket(self._wake_reader)
+            if self._wakeup.fileno() in events:
+                self._wakeup.drain()
             if events.get(sock.fileno(), 0) & ~select.POLLOUT:
                 self._read(client, sock)
             if client.socket() is sock and client.want_write():
@@ -150,13 +148,8 @@ class SessionLoop:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            if poll_sockets([(self._wake_reader, select.POLLIN)], remaining):
-                drain_socket(self._wake_reader)
-                if self.wake_ends_idle:
-                    return
+            if self._wakeup.wait(remaining) and self.wake_ends_idle:
+                return
 
     def _wake(self) -> None:
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:
-            pass  # a wake-up is pending already (buffer full), or we are closed
+        self._wakeup.set()

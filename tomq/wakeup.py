@@ -1,23 +1,29 @@
-"""A thread's periodic wait that another thread can cut short, and that keeps time when the clock jumps.
+"""A thread's wait that another thread (or a signal handler) can cut short, and that keeps time
+when the clock jumps.
 
-`threading.Event().wait(timeout)` waits on a lock with a deadline taken from the clock. Under
-libfaketime (the nemesis's clock-jump victim runs a node under it) a jumped clock left such a
-wait hanging for minutes, and with it the node's instance worker. poll() takes a relative timeout
-that the kernel counts, so a wait built on a socket pair keeps its period whatever the clock
-says (tests/test_wakeup.py jumps a real libfaketime clock under it).
+A socket pair: `set()` writes a byte, the waiter polls the other end. Two uses: on its own, a
+periodic wait (`wait(timeout)`, the instance worker), or polled beside a broker connection by the
+MQTT loops (`fileno()`, then `drain()`), so a loop blocked on the network returns when there is
+something to send.
+
+Not `threading.Event().wait(timeout)`: that waits on a lock with a deadline taken from the clock,
+and under libfaketime (the nemesis's clock-jump victim runs a node under it) a jumped clock left
+such a wait hanging for minutes. poll() takes a relative timeout that the kernel counts, so this
+keeps its period whatever the clock says (tests/test_wakeup.py jumps a real libfaketime clock under it).
 """
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 
 
 class Wakeup:
-    """`wait(timeout)` returns when `set()` was called since the last wait, or after `timeout` seconds.
+    """`wait(timeout)` returns when `set()` was called since the last wait or drain, or after `timeout`.
 
     Like an Event that each wait also clears. For one waiting thread; `set()` is safe from any
-    thread and from signal handlers (it never blocks and never raises).
+    thread and from signal handlers (it never blocks and never raises), also after `close()`.
     """
 
     def __init__(self) -> None:
@@ -35,14 +41,22 @@ class Wakeup:
 
     def wait(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds; True if woken by `set()` (and forget the wake-ups so far)."""
-        woken = bool(self._poll.poll(max(0.0, timeout) * 1000))
+        woken = bool(self._poll.poll(math.ceil(max(0.0, timeout) * 1000)))
         if woken:
-            try:
-                while self._reader.recv(4096):
-                    pass
-            except (BlockingIOError, OSError):
-                pass  # drained
+            self.drain()
         return woken
+
+    def fileno(self) -> int:
+        """The end to poll for POLLIN beside other sockets; `drain()` once it is readable."""
+        return self._reader.fileno()
+
+    def drain(self) -> None:
+        """Forget the wake-ups so far."""
+        try:
+            while self._reader.recv(4096):
+                pass
+        except OSError:
+            pass  # drained (BlockingIOError), or closed
 
     def close(self) -> None:
         self._reader.close()

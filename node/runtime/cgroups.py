@@ -186,10 +186,11 @@ def _kill_if_inside(pid: int, group: Path) -> bool:
     except OSError:  # no pidfds (before Linux 5.3): check, then kill, with the small window that leaves
         if not _inside(pid, group):
             return False
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(pid, signal.SIGKILL)
-            return True
-        return False
+        except ProcessLookupError:
+            return False
+        return True
     try:
         if not _inside(pid, group):
             return False
